@@ -1,0 +1,134 @@
+"""The ``memshard`` command line.
+
+    memshard train CONFIG [--set KEY=VALUE ...] [--out RUN] [--resume]
+    memshard config show CONFIG [--set ...]
+    memshard prepare SOURCE --out DATA.parquet [--size N] [--channels 1|3] [--limit N]
+    memshard sample RUN [--num 64] [--steps 50] [--weights ema|raw] [--out grid.png]
+
+CONFIG is a YAML file or the name of a built-in preset (``memshard config presets``).
+User errors (config, data, run directory) print one clear message and exit 2; they are
+raised before any training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import ConfigError, MemshardConfig, load_config, preset_names
+
+
+def _config(args: argparse.Namespace) -> MemshardConfig:
+    return load_config(args.config, args.set or [])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .driver import train
+
+    cfg = _config(args)
+    train(cfg, out=args.out, resume=args.resume)
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    sys.stdout.write(_config(args).to_yaml())
+    return 0
+
+
+def cmd_config_presets(_args: argparse.Namespace) -> int:
+    print("\n".join(preset_names()))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data import prepare
+
+    res = prepare(args.source, args.out, image_size=args.size, channels=args.channels, limit=args.limit)
+    print(
+        f"wrote {res.num_rows} rows ({res.image_size}x{res.image_size}, {res.channels} channel(s), "
+        f"classes: {res.num_classes or 'none'}, captions: {'yes' if res.has_caption else 'no'}) to {res.path}"
+    )
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .sampling import ddim_sample, grid, load_served_unet, to_uint8
+
+    unet, sched, info = load_served_unet(args.run, args.weights)
+    labels = None
+    if unet.config.num_class_embeds:
+        if args.label is not None:
+            labels = torch.full((args.num,), args.label, dtype=torch.long)
+        else:
+            labels = torch.arange(args.num) % unet.config.num_class_embeds
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    images = ddim_sample(unet, sched, args.num, steps=args.steps, seed=args.seed, class_labels=labels, device=device)
+    out = args.out or "samples.png"
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    grid(to_uint8(images), scale=args.scale).save(out)
+    print(
+        f"wrote {args.num} samples ({args.steps} DDIM steps, {args.weights} weights, round {info.get('round')}) "
+        f"to {out}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memshard", description="Memorization-safe diffusion training on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_config_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("config", help=f"YAML file or preset ({', '.join(preset_names())})")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (dotted)")
+
+    t = sub.add_parser("train", help="train with IET-AGC over shards on Ray")
+    add_config_args(t)
+    t.add_argument("--out", help="run directory (local path or s3://); default runs/<name>-<time>")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last committed round")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("config", help="inspect configs")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    show = csub.add_parser("show", help="print the fully resolved config")
+    add_config_args(show)
+    show.set_defaults(func=cmd_config_show)
+    csub.add_parser("presets", help="list built-in presets").set_defaults(func=cmd_config_presets)
+
+    pr = sub.add_parser("prepare", help="convert images into the canonical Parquet dataset")
+    pr.add_argument("source", help="digits | fashion-mnist | an image folder | a .npy/.npz file")
+    pr.add_argument("--out", required=True, help="output Parquet path (local or s3://)")
+    pr.add_argument("--size", type=int, help="image size (default: the source's)")
+    pr.add_argument("--channels", type=int, choices=(1, 3))
+    pr.add_argument("--limit", type=int, help="keep only the first N images")
+    pr.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("sample", help="sample a grid from a run's served model (DDIM)")
+    s.add_argument("run", help="run directory")
+    s.add_argument("--num", type=int, default=64)
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--label", type=int, help="class label for every sample (class-conditional models)")
+    s.add_argument("--scale", type=int, default=4, help="pixel upscaling of the grid")
+    s.add_argument("--out", help="output PNG (default samples.png)")
+    s.set_defaults(func=cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import DataError
+    from .driver import RunError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, RunError, FileNotFoundError) as exc:
+        print(f"memshard: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

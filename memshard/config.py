@@ -1,0 +1,291 @@
+"""The one typed configuration of a memshard run.
+
+Every constant of ../shared/spec/ALGORITHMS.md sections 1-2 is a field here with the
+spec's default (training from scratch, the authors' CIFAR setting); presets in
+``memshard/presets/*.yaml`` change only what differs (the laptop demo, SD fine-tuning).
+
+A config is validated completely before any work starts: unknown keys and bad values
+raise :class:`ConfigError` naming the dotted key, so a typo never silently falls back
+to a default in the middle of a multi-day run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config problem, worded for the user, naming the offending dotted key."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": an unknown key is an error, never ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the training images come from and what shape they must have."""
+
+    path: str | None = Field(
+        None, description="Parquet file or directory (local path or s3://) with id/image[/label/caption]."
+    )
+    source: Literal["digits", "fashion-mnist"] | None = Field(
+        None, description="Built-in source, prepared into RUN/data/ when `path` is not given."
+    )
+    image_size: int = Field(32, ge=4, le=4096, description="Height = width every image must have.")
+    channels: Literal[1, 3] = Field(3, description="1 = grayscale (mode L), 3 = RGB.")
+    bad_rows: Literal["fail", "drop"] = Field(
+        "fail", description="Undecodable / mis-sized images, duplicate ids, bad labels: stop, or drop and report."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first N valid rows (by id order).")
+    num_classes: int | None = Field(
+        None, ge=1, description="Labels must lie in [0, num_classes); required for class conditioning."
+    )
+    validate_rows_per_task: int = Field(4096, ge=1, description="Rows one validation task decodes.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.path is None and self.source is None:
+            raise ValueError("set data.path (a Parquet dataset) or data.source (a built-in source)")
+        if self.path is not None and self.source is not None:
+            raise ValueError("set only one of data.path and data.source")
+        return self
+
+
+class ModelConfig(_Section):
+    """The diffusers UNet2DModel each proxy trains, and its DDPM noise schedule."""
+
+    preset: str = Field(
+        "ddpm-cifar10",
+        description="tiny | small | ddpm-cifar10, or a path to a diffusers UNet config.json / model dir.",
+    )
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Extra UNet2DModel config keys.")
+    class_conditional: bool = False
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    beta_start: float = Field(1e-4, gt=0)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+
+
+class TrainConfig(_Section):
+    """Local training of one proxy per round (spec section 1 defaults, CIFAR setting)."""
+
+    rounds: int = Field(10, ge=1)
+    steps_per_round: int | None = Field(
+        None, ge=1, description="Optimizer steps per proxy per round; None = epochs_per_round epochs."
+    )
+    epochs_per_round: float = Field(
+        100.0, gt=0, description="Local epochs per round (used when steps_per_round is None)."
+    )
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global grad norm; None disables.")
+    warmup_epochs: float = Field(15.0, ge=0, description="Linear LR warm-up over the first local epochs.")
+    warmup_steps: int | None = Field(None, ge=0, description="Overrides warmup_epochs when set.")
+    ema: bool = True
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress_every: int = Field(10, ge=1, description="Steps between progress reports to the coordinator.")
+
+
+class AGCConfig(_Section):
+    """Anti-gradient control (spec section 2): skip samples whose loss is abnormally low."""
+
+    enabled: bool = True
+    ratio: float = Field(2.0, gt=0, description="r: keep sample j iff l_j * r >= m[t_j] (lambda = 1/r).")
+    bank_decay: float = Field(0.8, ge=0, lt=1, description="beta of the per-timestep running loss.")
+    bank_init: float = Field(0.0, ge=0, description="Initial bank value (0: nothing skipped at first).")
+
+
+class ShardsConfig(_Section):
+    """How the dataset is split over proxies."""
+
+    count: int = Field(10, ge=1)
+    policy: Literal["random", "stratified"] = "random"
+
+
+class ResourcesConfig(_Section):
+    """What the Ray cluster gives each part of the run."""
+
+    address: str | None = Field(None, description="Ray address; None = RAY_ADDRESS env or a new local cluster.")
+    gpus_per_shard: float | None = Field(
+        None, ge=0, description="GPUs per shard actor; None = 1 if the cluster has GPUs, else 0."
+    )
+    cpus_per_shard: float = Field(1.0, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_timeout_s: float = Field(600.0, gt=0, description="Wait this long for shard resources, then fail.")
+    local_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster started by memshard.")
+    actor_max_restarts: int = Field(3, ge=0)
+
+
+class StorageConfig(_Section):
+    """Where the run directory lives (local path or s3://)."""
+
+    run_dir: str | None = Field(None, description="RUN directory; the CLI's --out overrides it.")
+
+
+class LoggingConfig(_Section):
+    progress: bool = Field(True, description="Show a live progress display (rich).")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class SampleConfig(_Section):
+    """Defaults of `memshard sample`."""
+
+    num: int = Field(64, ge=1)
+    steps: int = Field(50, ge=1)
+    weights: Literal["ema", "raw"] = "ema"
+    batch_size: int = Field(64, ge=1)
+
+
+class MemshardConfig(_Section):
+    """A whole run. ``memshard config show`` prints the resolved form of this."""
+
+    name: str = Field("memshard", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0)
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    agc: AGCConfig = Field(default_factory=AGCConfig)
+    shards: ShardsConfig = Field(default_factory=ShardsConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> MemshardConfig:
+        if self.model.class_conditional and self.data.num_classes is None:
+            raise ValueError("model.class_conditional needs data.num_classes")
+        if self.model.beta_start >= self.model.beta_end:
+            raise ValueError("model.beta_start must be below model.beta_end")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
+    """Read CONFIG (a preset name or a YAML path) into a dict, following `extends:`."""
+    path = Path(source)
+    if not path.suffix and (PRESET_DIR / f"{source}.yaml").exists():
+        path = PRESET_DIR / f"{source}.yaml"
+    elif not path.exists():
+        raise ConfigError(
+            f"config {source!r} is neither a file nor a built-in preset (presets: {', '.join(preset_names())})"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path}: top level must be a mapping, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is not None:
+        sibling = path.parent / str(parent)
+        base, _ = _read_yaml(str(sibling) if sibling.is_file() else str(parent))
+        raw = deep_merge(base, raw)
+    return raw, str(path)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``top`` over ``base`` (neither is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "overrides":
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is YAML (so 3 -> int, 1e-4 -> float, [1,2] -> list)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.rounds=3")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: malformed key {key!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<config>"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        if err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {key}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def build_config(raw: dict[str, Any]) -> MemshardConfig:
+    try:
+        return MemshardConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_config(source: str | dict[str, Any], overrides: list[str] | None = None) -> MemshardConfig:
+    """Load CONFIG (preset name, YAML path or dict), apply ``--set`` overrides, validate."""
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+        parent = raw.pop("extends", None)
+        if parent is not None:
+            raw = deep_merge(_read_yaml(str(parent))[0], raw)
+    else:
+        raw, _ = _read_yaml(source)
+    return build_config(apply_overrides(raw, overrides or []))
+
+
+def config_from_json(text: str) -> MemshardConfig:
+    """Rebuild a config stored in a run manifest."""
+    return build_config(json.loads(text) if isinstance(text, str) else text)

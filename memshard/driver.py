@@ -1,0 +1,285 @@
+"""The Ray driver of an IET-AGC run: rounds of parallel proxy training, aggregation, commit.
+
+One round r:
+  1. every shard actor trains its proxy from the global weights (one object-store ref,
+     shared by all actors) and commits its own optimizer/bank state to RUN/rounds/r;
+  2. the aggregation task streams the proxies' weights into the size-weighted average and
+     commits it to RUN/rounds/r; its result ref is the next round's broadcast;
+  3. the coordinator writes the round's per-sample statistics and the next assignment;
+  4. the driver commits the round by writing the manifest (last), then publishes served/.
+
+The driver holds no training state: everything it needs to continue is in the run
+directory, which is what ``--resume`` (and a restarted driver) reads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .actors import ShardActor, aggregate_round
+from .checkpoint import RunDir, table_bytes
+from .config import MemshardConfig, build_config
+from .coordinator import Coordinator
+from .data import prepare
+from .ingest import Ingested, format_bad, ingest
+from .progress import RoundProgress, console
+from .proxy import steps_for
+from .unet import build_scheduler, build_unet, unet_config
+
+# Keys that may change when a run is resumed (everything else must match the stored config).
+RESUMABLE_KEYS = ("train.rounds", "logging", "resources", "storage", "sample")
+
+
+class RunError(RuntimeError):
+    """A problem with the run directory or the cluster, worded for the user."""
+
+
+@dataclass
+class TrainOutcome:
+    run_uri: str
+    rounds_completed: int
+    served: str
+    manifest: dict[str, Any]
+
+
+def default_run_dir(cfg: MemshardConfig) -> str:
+    return os.path.join("runs", f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "overrides":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def resume_config(stored: dict[str, Any], given: MemshardConfig) -> MemshardConfig:
+    """The stored config with the resumable keys taken from ``given``; other differences are errors."""
+    a, b = _flatten(stored), _flatten(given.to_dict())
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    fixed = [k for k in diff if not any(k == p or k.startswith(p + ".") for p in RESUMABLE_KEYS)]
+    if fixed:
+        raise RunError(
+            "--resume with a config that differs from the run's in: "
+            + ", ".join(fixed)
+            + " (only train.rounds, logging, resources, storage and sample may change)"
+        )
+    return build_config(given.to_dict())
+
+
+def connect(cfg: MemshardConfig) -> None:
+    """Join the configured cluster (resources.address / RAY_ADDRESS) or start a local one."""
+    if ray.is_initialized():
+        return
+    address = cfg.resources.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.resources.local_num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
+
+
+def shard_resources(cfg: MemshardConfig) -> dict[str, float]:
+    gpus = cfg.resources.gpus_per_shard
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return {"CPU": cfg.resources.cpus_per_shard, "GPU": gpus}
+
+
+def check_resources(cfg: MemshardConfig, need: dict[str, float]) -> None:
+    """Fail now, with numbers, rather than wait forever for resources that do not exist."""
+    have = ray.cluster_resources()
+    k = cfg.shards.count
+    for res, per in need.items():
+        if per * k > have.get(res, 0) + 1e-9:
+            raise RunError(
+                f"{k} shard actors need {per * k:g} {res} in total ({per:g} each, resources.{res.lower()}s_per_shard) "
+                f"but the Ray cluster has {have.get(res, 0):g}"
+            )
+
+
+def _prepare_data(cfg: MemshardConfig, workdir: str) -> tuple[str, Ingested]:
+    """Resolve and validate the dataset. Built-in sources are prepared into ``workdir`` first."""
+    if cfg.data.source is not None:
+        local = os.path.join(workdir, f"{cfg.data.source}.parquet")
+        prepare(cfg.data.source, local, image_size=cfg.data.image_size, channels=cfg.data.channels)
+        return local, ingest(cfg, local, use_ray=False)
+    return cfg.data.path, ingest(cfg, cfg.data.path, use_ray=True)
+
+
+def _create_run(
+    cfg: MemshardConfig, run: RunDir, data_local: str, ingested: Ingested, coordinator: Any
+) -> tuple[str, dict[str, Any]]:
+    """Write round 0 (data copy, initial split, initial weights) and the manifest."""
+    data_uri = ingested.uri
+    if cfg.data.source is not None:
+        with open(data_local, "rb") as fh:
+            run.store.write_bytes(f"data/{cfg.data.source}.parquet", fh.read())
+        data_uri = run.store.uri_of(f"data/{cfg.data.source}.parquet")
+    if ingested.bad:
+        ids = np.array([i for i, _ in ingested.bad], dtype=np.int64)
+        run.store.write_bytes("bad_rows.parquet", table_bytes({"id": ids, "reason": [r for _, r in ingested.bad]}))
+    sizes = ray.get(coordinator.initial_assignment.remote(ingested.ids, ingested.labels, cfg.shards.policy, cfg.seed))
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg)
+    raw = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    run.save_weights(0, raw, raw if cfg.train.ema else None)
+    manifest = {
+        "config": cfg.to_dict(),
+        "data_uri": data_uri,
+        "num_samples": len(ingested.ids),
+        "bad_rows": len(ingested.bad),
+        "initial_shard_sizes": sizes,
+        "rounds_completed": 0,
+        "rounds": [],
+        "created": time.time(),
+    }
+    run.write_manifest(manifest)
+    return data_uri, manifest
+
+
+@ray.remote(num_cpus=0)
+def _publish_served(
+    run_uri: str, weights: tuple[dict, dict | None], unet_cfg: dict, sched_cfg: dict, info: dict
+) -> None:
+    raw, ema = weights
+    RunDir(run_uri).publish_served(unet_cfg, sched_cfg, raw, ema, info)
+
+
+def train(cfg: MemshardConfig, out: str | None = None, resume: bool = False) -> TrainOutcome:
+    """Run (or resume) an IET-AGC training run; returns where the served model is."""
+    run_uri = out or cfg.storage.run_dir or (None if resume else default_run_dir(cfg))
+    if run_uri is None:
+        raise RunError("--resume needs the run directory: pass --out RUN (or storage.run_dir)")
+    run = RunDir(run_uri)
+    manifest = run.manifest()
+    if resume:
+        if manifest is None:
+            raise RunError(f"--resume: {run_uri} holds no run (no run.json)")
+        cfg = resume_config(manifest["config"], cfg)
+    elif manifest is not None or run.store.listdir():
+        raise RunError(
+            f"run directory {run_uri} already exists and is not empty: pass --resume to continue it, or another --out"
+        )
+
+    connect(cfg)
+    need = shard_resources(cfg)
+    check_resources(cfg, need)
+    coordinator_name = f"memshard-coordinator-{uuid.uuid4().hex[:12]}"
+    coordinator = Coordinator.options(
+        name=coordinator_name,
+        max_restarts=cfg.resources.actor_max_restarts,
+        max_task_retries=cfg.resources.actor_max_restarts,
+    ).remote(run_uri, cfg.shards.count)
+
+    if not resume:
+        workdir = tempfile.mkdtemp(prefix="memshard-data-")
+        try:
+            data_local, ingested = _prepare_data(cfg, workdir)
+            if ingested.bad:
+                console.print(f"[yellow]dropped {len(ingested.bad)} bad row(s):[/yellow]\n{format_bad(ingested.bad)}")
+            data_uri, manifest = _create_run(cfg, run, data_local, ingested, coordinator)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        data_uri = manifest["data_uri"]
+        run.discard_uncommitted(int(manifest["rounds_completed"]))
+        manifest["config"] = cfg.to_dict()
+
+    committed = int(manifest["rounds_completed"])
+    unet_cfg = unet_config(cfg)
+    sched_cfg = dict(build_scheduler(cfg).config)
+    k = cfg.shards.count
+
+    bundle = {r: v for r, v in need.items() if v > 0} or {"CPU": 0.001}
+    pg = placement_group([dict(bundle) for _ in range(k)], strategy=cfg.resources.placement_strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=cfg.resources.placement_timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise RunError(
+            f"could not place {k} shard actors ({bundle} each, {cfg.resources.placement_strategy}) "
+            f"within {cfg.resources.placement_timeout_s:g}s; cluster has {ray.cluster_resources()}"
+        )
+    config_json = cfg.model_dump_json()
+    actors = [
+        ShardActor.options(
+            num_cpus=need["CPU"],
+            num_gpus=need["GPU"],
+            max_restarts=cfg.resources.actor_max_restarts,
+            max_task_retries=cfg.resources.actor_max_restarts,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        ).remote(config_json, run_uri, data_uri, i, coordinator_name)
+        for i in range(k)
+    ]
+    try:
+        global_ref = ray.put(run.load_weights(committed))
+        if resume and committed > 0:
+            ray.get(
+                _publish_served.remote(run_uri, global_ref, unet_cfg, sched_cfg, {"round": committed, "run": run_uri})
+            )
+        if committed >= cfg.train.rounds:
+            console.print(f"run {run_uri} already has {committed} committed round(s); nothing to do")
+        sizes = manifest["rounds"][-1]["shard_sizes"] if manifest["rounds"] else manifest["initial_shard_sizes"]
+        with RoundProgress(enabled=cfg.logging.progress) as progress:
+            for r in range(committed + 1, cfg.train.rounds + 1):
+                t0 = time.perf_counter()
+                total_steps = sum(steps_for(cfg, s) for s in sizes)
+                progress.start_round(r, cfg.train.rounds, total_steps)
+                outs = [a.train_round.remote(r, global_ref) for a in actors]
+                weight_refs = [o[0] for o in outs]
+                stat_refs = [o[1] for o in outs]
+                agg_ref = aggregate_round.remote(run_uri, r, weight_refs)
+                summary_ref = coordinator.record_round.remote(r, stat_refs)
+                _wait_with_progress([agg_ref, summary_ref], coordinator, progress, r)
+                summary = ray.get(summary_ref)
+                summary["round_s"] = time.perf_counter() - t0
+                summary["images_per_s"] = summary["steps"] * cfg.train.batch_size / summary["round_s"]
+                manifest["rounds"].append(summary)
+                manifest["rounds_completed"] = r
+                run.write_manifest(manifest)  # the commit point of round r
+                ray.get(_publish_served.remote(run_uri, agg_ref, unet_cfg, sched_cfg, {"round": r, "run": run_uri}))
+                progress.round_done(summary)
+                sizes = summary["shard_sizes"]
+                global_ref = agg_ref
+    finally:
+        for a in actors:
+            ray.kill(a)
+        ray.kill(coordinator)
+        remove_placement_group(pg)
+    final = run.manifest()
+    served = run.store.uri_of("served")
+    console.print(
+        f"[bold green]done[/bold green]: {final['rounds_completed']} round(s) committed in {run_uri}; "
+        f"served model: {served}"
+    )
+    return TrainOutcome(run_uri=run_uri, rounds_completed=final["rounds_completed"], served=served, manifest=final)
+
+
+def _wait_with_progress(refs: list[ray.ObjectRef], coordinator: Any, progress: RoundProgress, r: int) -> None:
+    pending = list(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+        try:
+            state = ray.get(coordinator.progress.remote(), timeout=5)
+        except ray.exceptions.GetTimeoutError:
+            continue
+        done = sum(d for (rr, d, _t) in state.values() if rr == r)
+        progress.update(done)
+    ray.get(refs)  # re-raise any task error here

@@ -1,0 +1,68 @@
+"""What a person watching a run sees: a live step bar per round and one summary line per round."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+def summary_line(s: dict[str, Any], rounds: int | None = None) -> str:
+    """One line per round: the figures a user scans (loss, skip rate, throughput, sizes)."""
+    total = f"/{rounds}" if rounds else ""
+    sizes = ",".join(str(x) for x in s.get("shard_sizes", []))
+    line = (
+        f"round {s['round']}{total}  loss {s['loss']:.4f}  skip {100 * s['skip_rate']:.2f}% "
+        f"({s['skips']}/{s['visits']} visits, {s['samples_skipped_once']} samples skipped at least once)  "
+        f"{s.get('images_per_s', 0):.0f} img/s  {s.get('round_s', 0):.1f}s  shards [{sizes}]"
+    )
+    if s.get("migrated"):
+        line += f"  migrated {s['migrated']}"
+    return line
+
+
+class RoundProgress:
+    """A rich progress bar over the optimizer steps of all shards in the current round."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and console.is_terminal
+        self._progress = (
+            Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            )
+            if self.enabled
+            else None
+        )
+        self._task: Any = None
+        self._rounds: int | None = None
+
+    def __enter__(self) -> RoundProgress:
+        if self._progress is not None:
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def start_round(self, r: int, rounds: int, total_steps: int) -> None:
+        self._rounds = rounds
+        if self._progress is not None:
+            if self._task is not None:
+                self._progress.remove_task(self._task)
+            self._task = self._progress.add_task(f"round {r}/{rounds} steps", total=total_steps)
+
+    def update(self, done: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=done)
+
+    def round_done(self, summary: dict[str, Any]) -> None:
+        console.print(summary_line(summary, self._rounds))

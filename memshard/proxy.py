@@ -1,0 +1,308 @@
+"""One proxy model trained on one shard: the Ray-free training core of IET-AGC.
+
+A :class:`Proxy` owns what the spec says is NOT averaged and NOT reset between rounds:
+optimizer moments, the LR-schedule position and the AGC memory bank. Each round it
+starts from the global (aggregated) weights, trains ``steps`` optimizer steps on its
+shard with the AGC skip rule, and hands back its weights plus per-sample statistics.
+
+Determinism: every random choice of round r on shard i (data order, timesteps, noise,
+dropout) comes from generators seeded by ``round_seed(seed, r, i)``. Redoing a round from
+the same committed state therefore gives bit-identical results on CPU, which is what
+makes ``train_round`` idempotent and ``--resume`` exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import skip
+from .config import MemshardConfig
+from .unet import build_scheduler, build_unet
+
+StateDict = dict[str, torch.Tensor]
+
+
+def round_seed(seed: int, round_id: int, shard_id: int) -> int:
+    """A 63-bit seed unique to (run seed, round, shard), stable across processes."""
+    digest = hashlib.sha256(f"memshard:{seed}:{round_id}:{shard_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class ShardData:
+    """A shard's decoded images, resident on the proxy's device (uint8 to save memory)."""
+
+    ids: np.ndarray  # int64, (N,)
+    images: torch.Tensor  # uint8, (N, C, H, W)
+    labels: torch.Tensor | None  # int64, (N,)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class RoundResult:
+    """What a proxy reports after a round (statistics are per sample of its shard)."""
+
+    ids: np.ndarray
+    visits: np.ndarray
+    skips: np.ndarray
+    mean_loss: np.ndarray  # NaN where never visited
+    mean_ratio: np.ndarray  # mean of l / m[t] over visits where the bank was non-zero; NaN if none
+    steps: int
+    mean_batch_loss: float
+    skip_rate: float
+
+    def as_columns(self) -> dict[str, np.ndarray]:
+        return {
+            "id": self.ids,
+            "visits": self.visits,
+            "skips": self.skips,
+            "mean_loss": self.mean_loss,
+            "mean_ratio": self.mean_ratio,
+        }
+
+
+def resolve_device(cfg: MemshardConfig) -> torch.device:
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def steps_for(cfg: MemshardConfig, shard_size: int) -> int:
+    if cfg.train.steps_per_round is not None:
+        return cfg.train.steps_per_round
+    return max(1, math.ceil(cfg.train.epochs_per_round * shard_size / cfg.train.batch_size))
+
+
+def warmup_for(cfg: MemshardConfig, shard_size: int) -> int:
+    if cfg.train.warmup_steps is not None:
+        return cfg.train.warmup_steps
+    return math.ceil(cfg.train.warmup_epochs * shard_size / cfg.train.batch_size)
+
+
+def batch_order(n: int, steps: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices for ``steps`` batches: concatenated seeded permutations (every sample once per epoch)."""
+    need = steps * batch_size
+    epochs = math.ceil(need / n)
+    order = np.concatenate([rng.permutation(n) for _ in range(epochs)])[:need]
+    return order.reshape(steps, batch_size)
+
+
+class Proxy:
+    """The proxy model of one shard, with its optimizer, EMA and AGC memory bank."""
+
+    def __init__(self, cfg: MemshardConfig, shard_id: int, device: torch.device | None = None) -> None:
+        self.cfg = cfg
+        self.shard_id = shard_id
+        self.device = device or resolve_device(cfg)
+        torch.manual_seed(cfg.seed)  # weights are overwritten by the global ones; seeded anyway
+        self.unet = build_unet(cfg).to(self.device)
+        self.unet.train()
+        self.noise_scheduler = build_scheduler(cfg)
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+        kwargs = {
+            "lr": cfg.train.lr,
+            "betas": cfg.train.betas,
+            "eps": cfg.train.eps,
+            "weight_decay": cfg.train.weight_decay,
+        }
+        if self.device.type == "cuda":
+            kwargs["fused"] = True
+        self.optimizer = opt_cls(params, **kwargs)
+        self.ema: StateDict | None = (
+            {k: v.detach().clone() for k, v in self.unet.state_dict().items()} if cfg.train.ema else None
+        )
+        self.bank = torch.full(
+            (cfg.model.num_train_timesteps,), cfg.agc.bank_init, dtype=torch.float32, device=self.device
+        )
+        self.step = 0  # optimizer steps taken by this proxy over all rounds
+        self.nonfinite_steps = 0
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
+    # ----------------------------------------------------------------- weights
+    def _amp_dtype(self) -> torch.dtype | None:
+        mp = self.cfg.train.mixed_precision
+        if self.device.type != "cuda" or mp == "no":
+            return None
+        return torch.float16 if mp == "fp16" else torch.bfloat16
+
+    def load_global(self, raw: StateDict, ema: StateDict | None) -> None:
+        """Start the round from the aggregated weights (copying: object-store arrays are read-only)."""
+        self.unet.load_state_dict({k: torch.as_tensor(v) for k, v in raw.items()})
+        if self.ema is not None:
+            source = ema if ema is not None else raw
+            for k, v in self.ema.items():
+                v.copy_(torch.as_tensor(source[k]))
+
+    def weights(self) -> tuple[StateDict, StateDict | None]:
+        """CPU copies of (raw, ema) weights, for aggregation."""
+        raw = {k: v.detach().to("cpu", copy=True) for k, v in self.unet.state_dict().items()}
+        ema = {k: v.detach().to("cpu", copy=True) for k, v in self.ema.items()} if self.ema is not None else None
+        return raw, ema
+
+    # ------------------------------------------------------------ proxy state
+    def state(self) -> tuple[StateDict, dict]:
+        """Everything that persists across rounds but is not averaged: (tensors, json meta)."""
+        tensors: StateDict = {"bank": self.bank.detach().cpu().clone()}
+        opt = self.optimizer.state_dict()
+        for idx, pstate in opt["state"].items():
+            for name, value in pstate.items():
+                if torch.is_tensor(value):
+                    tensors[f"opt.{idx}.{name}"] = value.detach().cpu().clone()
+        meta = {"step": self.step, "nonfinite_steps": self.nonfinite_steps}
+        if self.scaler is not None:
+            meta["grad_scaler"] = {
+                k: float(v) if isinstance(v, (int, float)) else v for k, v in self.scaler.state_dict().items()
+            }
+        return tensors, meta
+
+    def load_state(self, tensors: StateDict, meta: dict) -> None:
+        self.bank.copy_(tensors["bank"].to(self.device))
+        self.step = int(meta["step"])
+        self.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
+        current = self.optimizer.state_dict()
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+        if self.scaler is not None and "grad_scaler" in meta:
+            self.scaler.load_state_dict(meta["grad_scaler"])
+
+    # --------------------------------------------------------------- training
+    def lr_at(self, step: int, warmup: int) -> float:
+        if warmup <= 0:
+            return self.cfg.train.lr
+        return self.cfg.train.lr * min(1.0, (step + 1) / warmup)
+
+    def train_round(
+        self,
+        round_id: int,
+        data: ShardData,
+        steps: int | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> RoundResult:
+        """Train ``steps`` optimizer steps on ``data``; returns per-sample statistics."""
+        cfg = self.cfg
+        n = len(data)
+        if n == 0:
+            raise ValueError(f"shard {self.shard_id} is empty in round {round_id}")
+        steps = steps if steps is not None else steps_for(cfg, n)
+        warmup = warmup_for(cfg, n)
+        seed = round_seed(cfg.seed, round_id, self.shard_id)
+        torch.manual_seed(seed)  # dropout and any other global-RNG use
+        order_np = batch_order(n, steps, cfg.train.batch_size, np.random.default_rng(seed))
+        order = torch.from_numpy(order_np).to(self.device)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        T = cfg.model.num_train_timesteps
+
+        visits = torch.zeros(n, dtype=torch.int64, device=self.device)
+        skips = torch.zeros(n, dtype=torch.int64, device=self.device)
+        loss_sum = torch.zeros(n, dtype=torch.float64, device=self.device)
+        ratio_sum = torch.zeros(n, dtype=torch.float64, device=self.device)
+        ratio_n = torch.zeros(n, dtype=torch.int64, device=self.device)
+        batch_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        report_every = cfg.train.progress_every
+
+        for i in range(steps):
+            idx = order[i]
+            x0 = data.images[idx].float().div_(127.5).sub_(1.0)
+            labels = data.labels[idx] if (data.labels is not None and cfg.model.class_conditional) else None
+            t = torch.randint(0, T, (idx.numel(),), generator=gen, device=self.device)
+            noise = torch.randn(x0.shape, generator=gen, device=self.device)
+            stats = self._step(x0, noise, t, labels, self.lr_at(self.step, warmup))
+            per, keep, ratio = stats
+            visits.index_add_(0, idx, torch.ones_like(idx))
+            skips.index_add_(0, idx, (~keep).to(torch.int64))
+            loss_sum.index_add_(0, idx, per.double())
+            finite = torch.isfinite(ratio)
+            ratio_sum.index_add_(0, idx, torch.where(finite, ratio, torch.zeros_like(ratio)).double())
+            ratio_n.index_add_(0, idx, finite.to(torch.int64))
+            batch_loss_sum += per.double().mean()
+            self.step += 1
+            if on_progress is not None and ((i + 1) % report_every == 0 or i + 1 == steps):
+                on_progress(i + 1, steps)
+
+        # one device->host copy per round
+        v = visits.cpu().numpy()
+        s = skips.cpu().numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_loss = np.where(v > 0, loss_sum.cpu().numpy() / np.maximum(v, 1), np.nan)
+            rn = ratio_n.cpu().numpy()
+            mean_ratio = np.where(rn > 0, ratio_sum.cpu().numpy() / np.maximum(rn, 1), np.nan)
+        return RoundResult(
+            ids=data.ids.astype(np.int64),
+            visits=v.astype(np.int64),
+            skips=s.astype(np.int64),
+            mean_loss=mean_loss.astype(np.float64),
+            mean_ratio=mean_ratio.astype(np.float64),
+            steps=steps,
+            mean_batch_loss=float(batch_loss_sum.item() / steps),
+            skip_rate=float(s.sum() / max(v.sum(), 1)),
+        )
+
+    def _targets(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ac = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        a, b = ac.sqrt(), (1 - ac).sqrt()
+        xt = a * x0 + b * noise
+        target = noise if self.cfg.model.prediction_type == "epsilon" else a * noise - b * x0
+        return xt, target
+
+    def _step(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, lr: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step with the AGC rule. Returns (per-sample loss, keep mask, loss ratio)."""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        xt, target = self._targets(x0, noise, t)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            pred = self.unet(xt, t, class_labels=labels).sample
+        per = skip.per_sample_loss(pred, target)
+        ratio = skip.loss_ratio(per, self.bank, t)
+        if cfg.agc.enabled:
+            keep = skip.keep_mask(per, self.bank, t, cfg.agc.ratio)
+        else:
+            keep = torch.ones_like(per, dtype=torch.bool)
+        loss = skip.masked_loss(per, keep)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if cfg.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.train.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self._update_ema()
+        # The bank sees every sample, skipped or not, after the mask was taken. It is kept
+        # even with AGC off, so a baseline run records the same loss-ratio statistics.
+        self.bank = skip.update_bank(self.bank, per, t, cfg.agc.bank_decay)
+        return per.detach(), keep, ratio
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.cfg.train.ema_decay
+        state = self.unet.state_dict()
+        floats = [(self.ema[k], v) for k, v in state.items() if v.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [v.detach() for _, v in floats], 1.0 - decay)
+        for k, v in state.items():
+            if not v.is_floating_point():
+                self.ema[k].copy_(v)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install memshard and its dependencies into the current Python (3.10+).
+# torch is pinned first: on the reference machines a CPU wheel of torch 2.13.0 is available
+# locally, and installing it before anything that depends on torch keeps pip from pulling
+# a multi-GB CUDA build. On a GPU machine, install the CUDA torch you want first instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install --quiet "torch==2.13.0"
+fi
+"$PY" -m pip install --quiet -e ".[dev]"
