@@ -91,7 +91,7 @@ def test_missing_config_and_bad_yaml(tmp_path):
 def test_cross_field_checks():
     with pytest.raises(ConfigError, match="num_classes"):
         load_config("demo", ["model.class_conditional=true", "data.num_classes=null"])
-    with pytest.raises(ConfigError, match="data.path"):
+    with pytest.raises(ConfigError, match=r"data\.path"):
         load_config("demo", ["data.source=null"])
 
 
