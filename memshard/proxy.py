@@ -125,6 +125,7 @@ class Proxy:
             (cfg.model.num_train_timesteps,), cfg.agc.bank_init, dtype=torch.float32, device=self.device
         )
         self.step = 0  # optimizer steps taken by this proxy over all rounds
+        self.last_round_seed: int | None = None
         self.nonfinite_steps = 0
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -159,7 +160,13 @@ class Proxy:
             for name, value in pstate.items():
                 if torch.is_tensor(value):
                     tensors[f"opt.{idx}.{name}"] = value.detach().cpu().clone()
-        meta = {"step": self.step, "nonfinite_steps": self.nonfinite_steps}
+        # RNG state: every random stream of a round is re-derived from (seed, round, shard),
+        # so the seed of the last round is the whole RNG state needed to reproduce it.
+        meta = {
+            "step": self.step,
+            "nonfinite_steps": self.nonfinite_steps,
+            "rng": {"scheme": "sha256(seed,round,shard)", "last_round_seed": self.last_round_seed},
+        }
         if self.scaler is not None:
             meta["grad_scaler"] = {
                 k: float(v) if isinstance(v, (int, float)) else v for k, v in self.scaler.state_dict().items()
@@ -201,6 +208,7 @@ class Proxy:
         steps = steps if steps is not None else steps_for(cfg, n)
         warmup = warmup_for(cfg, n)
         seed = round_seed(cfg.seed, round_id, self.shard_id)
+        self.last_round_seed = seed
         torch.manual_seed(seed)  # dropout and any other global-RNG use
         order_np = batch_order(n, steps, cfg.train.batch_size, np.random.default_rng(seed))
         order = torch.from_numpy(order_np).to(self.device)

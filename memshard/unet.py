@@ -76,7 +76,15 @@ def build_unet(cfg: MemshardConfig) -> UNet2DModel:
     config = unet_config(cfg)
     path = Path(cfg.model.preset)
     if path.is_dir() and any(path.glob("*.safetensors")):
-        return UNet2DModel.from_pretrained(str(path), **{k: config[k] for k in ("sample_size",)})
+        unet = UNet2DModel.from_pretrained(str(path), low_cpu_mem_usage=False)
+        for key in ("in_channels", "out_channels", "num_class_embeds"):
+            if unet.config.get(key) != config.get(key):
+                raise ValueError(
+                    f"pretrained UNet {path} has {key}={unet.config.get(key)} but the config needs {config.get(key)} "
+                    "(data.channels / model.class_conditional)"
+                )
+        unet.register_to_config(sample_size=config["sample_size"])
+        return unet
     try:
         return UNet2DModel(**config)
     except TypeError as exc:
