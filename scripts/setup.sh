@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# An old pip (23.x) backtracks for minutes and then gives up on the s3fs/aiobotocore/boto3
+# pins; a current one resolves them at once.
+"$PY" -m pip install --quiet --upgrade "pip>=25"
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
