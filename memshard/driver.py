@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -135,8 +136,6 @@ def _create_run(
         ids = np.array([i for i, _ in ingested.bad], dtype=np.int64)
         run.store.write_bytes("bad_rows.parquet", table_bytes({"id": ids, "reason": [r for _, r in ingested.bad]}))
     sizes = ray.get(coordinator.initial_assignment.remote(ingested.ids, ingested.labels, cfg.shards.policy, cfg.seed))
-    import torch
-
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg)
     raw = {k: v.detach().clone() for k, v in unet.state_dict().items()}

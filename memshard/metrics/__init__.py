@@ -1,0 +1,24 @@
+"""Evaluation metrics: memory-bounded nearest neighbours, memorization ratios, copy similarity and FID."""
+
+from memshard.metrics.fid import feature_stats, fid_from_features, frechet_distance
+from memshard.metrics.memorization import (
+    CopySimilarity,
+    MemorizationReport,
+    calibrate_threshold,
+    copy_similarity,
+    memorization_report,
+)
+from memshard.metrics.neighbours import peak_block_bytes, topk_neighbours
+
+__all__ = [
+    "CopySimilarity",
+    "MemorizationReport",
+    "calibrate_threshold",
+    "copy_similarity",
+    "feature_stats",
+    "fid_from_features",
+    "frechet_distance",
+    "memorization_report",
+    "peak_block_bytes",
+    "topk_neighbours",
+]
