@@ -4,6 +4,7 @@
     memshard config show CONFIG [--set ...]
     memshard prepare SOURCE --out DATA.parquet [--size N] [--channels 1|3] [--limit N]
     memshard sample RUN [--num 64] [--steps 50] [--weights ema|raw] [--out grid.png]
+    memshard evaluate RUN [--num 256] [--steps 50] [--weights ema|raw] [--name default]
 
 CONFIG is a YAML file or the name of a built-in preset (``memshard config presets``).
 User errors (config, data, run directory) print one clear message and exit 2; they are
@@ -76,6 +77,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import ray
+
+    from .checkpoint import RunDir
+    from .config import build_config
+    from .driver import connect
+    from .evaluate import EvalOptions, evaluate, summary_lines
+
+    manifest = RunDir(args.run).manifest()
+    if manifest is None:
+        raise FileNotFoundError(f"{args.run}: no run (run.json missing)")
+    connect(build_config(manifest["config"]))
+    opts = EvalOptions(
+        num=args.num,
+        steps=args.steps,
+        weights=args.weights,
+        name=args.name,
+        seed=args.seed,
+        fid_reference=args.fid_reference,
+        extractor=args.extractor,
+    )
+    try:
+        metrics = evaluate(args.run, opts)
+    finally:
+        ray.shutdown()
+    print("\n".join(summary_lines(metrics)))
+    print(f"wrote {args.run}/eval/{args.name}/ (metrics.json, samples.png, most_copied.png, per_sample.parquet)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memshard", description="Memorization-safe diffusion training on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=int, default=4, help="pixel upscaling of the grid")
     s.add_argument("--out", help="output PNG (default samples.png)")
     s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("evaluate", help="memorization, copy similarity, FID (and class alignment) of a run")
+    e.add_argument("run", help="run directory")
+    e.add_argument("--num", type=int, default=256, help="samples to generate")
+    e.add_argument("--steps", type=int, default=50, help="DDIM steps (eta 0)")
+    e.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    e.add_argument("--name", default="default", help="results go to RUN/eval/NAME/")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--fid-reference", type=int, help="training images for FID/copy similarity (default all)")
+    e.add_argument("--extractor", help="TorchScript feature extractor (e.g. SSCD); default Inception pool3")
+    e.set_defaults(func=cmd_evaluate)
     return p
 
 

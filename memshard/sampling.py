@@ -44,20 +44,23 @@ def ddim_sample(
     batch_size: int = 64,
     class_labels: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
+    index_offset: int = 0,
 ) -> torch.Tensor:
-    """``num`` images in [0, 1], shape (num, C, H, W). Image i depends only on (seed, i)."""
+    """``num`` images in [0, 1], shape (num, C, H, W).
+
+    Image i depends only on (seed, index_offset + i), so generation can be split over
+    workers in any way and still give the same set of images.
+    """
     unet = unet.to(device).eval()
     sched = DDIMScheduler.from_config(scheduler_config)
     sched.set_timesteps(steps)
     c, size = unet.config.in_channels, unet.config.sample_size
     outs = []
+    base = seed * 1_000_003 + index_offset
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
         noise = torch.stack(
-            [
-                torch.randn((c, size, size), generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i))
-                for i in range(n)
-            ]
+            [torch.randn((c, size, size), generator=torch.Generator().manual_seed(base + start + i)) for i in range(n)]
         ).to(device)
         x = noise
         labels = class_labels[start : start + n].to(device) if class_labels is not None else None

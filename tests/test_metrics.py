@@ -211,3 +211,16 @@ def test_fid_singular_covariance_is_finite() -> None:
     assert np.isfinite(fid) and fid >= 0
     with pytest.raises(ValueError, match="at least 2"):
         feature_stats(a[:1])
+
+
+def test_fid_trace_matches_scipy_sqrtm_and_handles_fewer_samples_than_dims():
+    import scipy.linalg
+
+    from memshard.metrics.fid import trace_sqrt_product
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(200, 6)), rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6))
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    assert abs(trace_sqrt_product(s1, s2) - np.trace(scipy.linalg.sqrtm(s1 @ s2)).real) < 1e-8
+    few = fid_from_features(rng.normal(size=(8, 512)), rng.normal(size=(32, 512)) + 1.0)
+    assert np.isfinite(few) and few > 0
