@@ -4,6 +4,7 @@
     memshard config show CONFIG [--set ...]
     memshard prepare SOURCE --out DATA.parquet [--size N] [--channels 1|3] [--limit N]
     memshard sample RUN [--num 64] [--steps 50] [--weights ema|raw] [--out grid.png]
+    memshard compare CONFIG [--set ...] [--out DIR]   (method vs plain training, same steps)
     memshard evaluate RUN [--num 256] [--steps 50] [--weights ema|raw] [--name default]
 
 CONFIG is a YAML file or the name of a built-in preset (``memshard config presets``).
@@ -107,6 +108,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+    from .driver import default_run_dir
+    from .evaluate import EvalOptions
+
+    cfg = _config(args)
+    out = args.out or default_run_dir(cfg)
+    opts = EvalOptions(
+        num=args.num, steps=args.steps, fid_reference=args.fid_reference, calibration_images=args.calibration_images
+    )
+    compare(cfg, out, opts)
+    print(f"runs and comparison.md in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memshard", description="Memorization-safe diffusion training on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -157,6 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fid-reference", type=int, help="training images for FID/copy similarity (default all)")
     e.add_argument("--extractor", help="TorchScript feature extractor (e.g. SSCD); default Inception pool3")
     e.set_defaults(func=cmd_evaluate)
+
+    cp = sub.add_parser("compare", help="train CONFIG and its plain-training baseline (same steps), evaluate both")
+    add_config_args(cp)
+    cp.add_argument("--out", help="directory for both runs and comparison.md (local)")
+    cp.add_argument("--num", type=int, default=128, help="samples per model")
+    cp.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    cp.add_argument("--fid-reference", type=int, default=512, help="training images for FID / copy similarity")
+    cp.add_argument("--calibration-images", type=int, default=128)
+    cp.set_defaults(func=cmd_compare)
     return p
 
 

@@ -213,7 +213,11 @@ def evaluate(run_uri: str, opts: EvalOptions) -> dict[str, Any]:
         from .classifier import class_accuracy, train_classifier
 
         clf, clf_info = train_classifier(
-            train_t, torch.from_numpy(train_labels), cfg.data.num_classes, epochs=opts.classifier_epochs, seed=opts.seed
+            train_t,
+            torch.from_numpy(np.array(train_labels)),
+            cfg.data.num_classes,
+            epochs=opts.classifier_epochs,
+            seed=opts.seed,
         )
         metrics["class_alignment"] = {
             "accuracy": class_accuracy(clf, gen, torch.from_numpy(labels)),
