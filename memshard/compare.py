@@ -14,15 +14,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import MemshardConfig, build_config
+from .driver import TrainOutcome, train
 from .evaluate import EvalOptions, evaluate
 from .progress import console
 from .proxy import steps_for
 
 
-def baseline_of(cfg: MemshardConfig, train_size: int) -> MemshardConfig:
-    """The plain-training counterpart of ``cfg``: one shard, no AGC, same steps and images in total."""
+def baseline_of(cfg: MemshardConfig, shard_sizes: list[int]) -> MemshardConfig:
+    """The plain-training counterpart of ``cfg``: one shard, no AGC, same steps and images in total.
+
+    ``shard_sizes`` are the method run's actual shard sizes (its manifest), so the step count
+    follows the split that really happened.
+    """
     k = cfg.shards.count
-    steps = sum(steps_for(cfg, n) for n in _near_equal(train_size, k))
+    steps = sum(steps_for(cfg, n) for n in shard_sizes)
     d = cfg.to_dict()
     d["name"] = f"{cfg.name}-baseline"
     d["shards"]["count"] = 1
@@ -31,10 +36,6 @@ def baseline_of(cfg: MemshardConfig, train_size: int) -> MemshardConfig:
     # the single model may use the CPUs the K proxies had
     d["resources"]["cpus_per_shard"] = min(cfg.resources.cpus_per_shard * k, float(os.cpu_count() or 1))
     return build_config(d)
-
-
-def _near_equal(n: int, k: int) -> list[int]:
-    return [n // k + (1 if i < n % k else 0) for i in range(k)]
 
 
 @dataclass
@@ -70,12 +71,10 @@ def table(rows: list[Row]) -> str:
 
 def compare(cfg: MemshardConfig, out: str, opts: EvalOptions) -> list[Row]:
     """Train ``cfg`` and its baseline under ``out``/{method,baseline}, evaluate both, print the table."""
-    from .driver import train
-
     rows = []
-    method = train_and_time(cfg, os.path.join(out, "method"), train)
-    size = method[1].manifest["num_samples"]
-    base = train_and_time(baseline_of(cfg, size), os.path.join(out, "baseline"), train)
+    method = train_and_time(cfg, os.path.join(out, "method"))
+    sizes = method[1].manifest["initial_shard_sizes"]
+    base = train_and_time(baseline_of(cfg, sizes), os.path.join(out, "baseline"))
     for label, (secs, outcome) in ((_label(cfg), method), ("plain training (baseline)", base)):
         console.print(f"evaluating {label} ...")
         t0 = time.perf_counter()
@@ -89,9 +88,9 @@ def compare(cfg: MemshardConfig, out: str, opts: EvalOptions) -> list[Row]:
     return rows
 
 
-def train_and_time(cfg: MemshardConfig, out: str, train_fn: Any) -> tuple[float, Any]:
+def train_and_time(cfg: MemshardConfig, out: str) -> tuple[float, TrainOutcome]:
     t0 = time.perf_counter()
-    outcome = train_fn(cfg, out=out)
+    outcome = train(cfg, out=out)
     return time.perf_counter() - t0, outcome
 
 
