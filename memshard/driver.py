@@ -53,6 +53,7 @@ class TrainOutcome:
     rounds_completed: int
     served: str
     manifest: dict[str, Any]
+    complete: bool = True  # False when ``stop_after_s`` ended the call before cfg.train.rounds
 
 
 def default_run_dir(cfg: MemshardConfig) -> str:
@@ -162,8 +163,17 @@ def _publish_served(
     RunDir(run_uri).publish_served(unet_cfg, sched_cfg, raw, ema, info)
 
 
-def train(cfg: MemshardConfig, out: str | None = None, resume: bool = False) -> TrainOutcome:
-    """Run (or resume) an IET-AGC training run; returns where the served model is."""
+def train(
+    cfg: MemshardConfig, out: str | None = None, resume: bool = False, stop_after_s: float | None = None
+) -> TrainOutcome:
+    """Run (or resume) an IET-AGC training run; returns where the served model is.
+
+    ``stop_after_s`` bounds one call: no round starts that would, at the pace of the last one,
+    end later than that many seconds after the call began. The committed rounds stay; calling
+    again with ``resume=True`` continues. This is how a run fits machines lent in slices
+    (a 10-minute command limit) or preemptible nodes.
+    """
+    call_t0 = time.perf_counter()
     run_uri = out or cfg.storage.run_dir or (None if resume else default_run_dir(cfg))
     if run_uri is None:
         raise RunError("--resume needs the run directory: pass --out RUN (or storage.run_dir)")
@@ -236,9 +246,13 @@ def train(cfg: MemshardConfig, out: str | None = None, resume: bool = False) -> 
         if committed >= cfg.train.rounds:
             console.print(f"run {run_uri} already has {committed} committed round(s); nothing to do")
         sizes = manifest["rounds"][-1]["shard_sizes"] if manifest["rounds"] else manifest["initial_shard_sizes"]
+        last_round_s = 0.0
         with RoundProgress(enabled=cfg.logging.progress) as progress:
             for r in range(committed + 1, cfg.train.rounds + 1):
                 t0 = time.perf_counter()
+                if stop_after_s is not None and t0 - call_t0 + last_round_s > stop_after_s:
+                    console.print(f"stopping before round {r}: the {stop_after_s:g}s budget of this call is spent")
+                    break
                 total_steps = sum(steps_for(cfg, s) for s in sizes)
                 progress.start_round(r, cfg.train.rounds, total_steps)
                 outs = [a.train_round.remote(r, global_ref) for a in actors]
@@ -257,6 +271,7 @@ def train(cfg: MemshardConfig, out: str | None = None, resume: bool = False) -> 
                 progress.round_done(summary)
                 sizes = summary["shard_sizes"]
                 global_ref = agg_ref
+                last_round_s = summary["round_s"]
     finally:
         for a in actors:
             ray.kill(a)
@@ -268,7 +283,10 @@ def train(cfg: MemshardConfig, out: str | None = None, resume: bool = False) -> 
         f"[bold green]done[/bold green]: {final['rounds_completed']} round(s) committed in {run_uri}; "
         f"served model: {served}"
     )
-    return TrainOutcome(run_uri=run_uri, rounds_completed=final["rounds_completed"], served=served, manifest=final)
+    done = int(final["rounds_completed"])
+    return TrainOutcome(
+        run_uri=run_uri, rounds_completed=done, served=served, manifest=final, complete=done >= cfg.train.rounds
+    )
 
 
 def _wait_with_progress(refs: list[ray.ObjectRef], coordinator: Any, progress: RoundProgress, r: int) -> None:
