@@ -1,4 +1,4 @@
-"""The training-time memorization benchmark: plain training vs IET vs IET-AGC, like for like.
+"""The training-time memorization benchmark: plain training vs IET, IET-AGC and IET-AGC+, like for like.
 
 Every method trains for the same total number of optimizer steps with the same batch size
 (so the same number of images seen), the same data, the same seed and the same rounds; a
@@ -47,24 +47,25 @@ DEFAULT_GPU_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared",
 
 @dataclass(frozen=True)
 class Method:
-    """One arm of the benchmark: how many proxies, and whether AGC skips."""
+    """One arm of the benchmark: the config ``method`` it runs, over K shards or one model."""
 
     key: str
     label: str
+    method: str  # the config's `method` key
     sharded: bool
-    agc: bool
 
 
 METHODS: dict[str, Method] = {
     m.key: m
     for m in (
-        Method("baseline", "plain training", sharded=False, agc=False),
-        Method("agc", "AGC only (one model)", sharded=False, agc=True),
-        Method("iet", "IET", sharded=True, agc=False),
-        Method("iet-agc", "IET-AGC", sharded=True, agc=True),
+        Method("baseline", "plain training", "baseline", sharded=False),
+        Method("agc", "AGC only (one model)", "iet-agc", sharded=False),
+        Method("iet", "IET", "iet", sharded=True),
+        Method("iet-agc", "IET-AGC", "iet-agc", sharded=True),
+        Method("iet-agc-plus", "IET-AGC+", "iet-agc-plus", sharded=True),
     )
 }
-DEFAULT_METHODS = ("baseline", "iet", "iet-agc")
+DEFAULT_METHODS = ("baseline", "iet", "iet-agc", "iet-agc-plus")
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,8 @@ def method_config(
         *size.overrides,
         f"name=bench-{method.key}",
         f"seed={seed}",
+        f"method={method.method}",
         f"shards.count={k}",
-        f"agc.enabled={str(method.agc).lower()}",
         f"train.steps_per_round={steps}",
         f"resources.cpus_per_shard={size.cpus / k:g}",
         f"resources.gpus_per_shard={size.gpus / k:g}",

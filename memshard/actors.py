@@ -79,14 +79,16 @@ class ShardActor:
         return ShardData(ids=ids.astype(np.int64), images=images.to(self.device), labels=labels)
 
     @ray.method(num_returns=2)
-    def train_round(self, round_id: int, global_weights: tuple[dict, dict | None]) -> tuple[dict, dict]:
-        """Train round ``round_id`` from ``global_weights``; returns (weights, statistics)."""
+    def train_round(self, round_id: int, global_weights: tuple[dict, dict | None] | None) -> tuple[dict, dict]:
+        """Train round ``round_id`` from ``global_weights`` (None: from this proxy's own weights).
+
+        Returns (weights, statistics)."""
         start = time.perf_counter()
         if self.proxy is None or self.state_round != round_id - 1:
             self._restore(round_id - 1)
         data = self._shard_data(round_id - 1)
-        raw, ema = global_weights
-        self.proxy.load_global(raw, ema)
+        raw, ema = global_weights if global_weights is not None else (None, None)
+        self.proxy.start_round(round_id, raw, ema)
 
         def progress(done: int, total: int) -> None:
             try:
@@ -108,6 +110,7 @@ class ShardActor:
             "steps": result.steps,
             "loss": result.mean_batch_loss,
             "skip_rate": result.skip_rate,
+            "extra_steps": result.extra_steps,
             "train_s": train_s,
             "images_per_s": result.steps * self.cfg.train.batch_size / max(train_s, 1e-9),
         }

@@ -125,6 +125,43 @@ class RunDir:
         with self.store.open_input(f"stats/round-{round_name(r)}.parquet") as fh:
             return pq.read_table(fh)
 
+    # ------------------------------------------------------------ migrations
+    def write_migrations(self, r: int, columns: dict[str, np.ndarray]) -> None:
+        """RUN/migrations/round-XXXX.parquet: the moves planned after round r (id, from_shard, to_shard, ...)."""
+        self.store.write_bytes(f"migrations/round-{round_name(r)}.parquet", table_bytes(columns))
+
+    def read_migrations(self, r: int) -> pa.Table | None:
+        rel = f"migrations/round-{round_name(r)}.parquet"
+        if not self.store.exists(rel):
+            return None
+        with self.store.open_input(rel) as fh:
+            return pq.read_table(fh)
+
+    def write_ledger(self, r: int, ids: np.ndarray, since_move: np.ndarray, by_shard: np.ndarray) -> None:
+        """RUN/msr/ledger-XXXX.parquet: MSR's skip counters after round r (so a restart resumes them)."""
+        k = by_shard.shape[1]
+        flat = pa.array(np.ascontiguousarray(by_shard, dtype=np.int64).reshape(-1))
+        cols = {
+            "id": ids,
+            "skips_since_move": since_move,
+            "shard_skips": pa.FixedSizeListArray.from_arrays(flat, k),
+        }
+        self.store.write_bytes(f"msr/ledger-{round_name(r)}.parquet", table_bytes(cols))
+
+    def read_ledger(self, r: int) -> dict[str, np.ndarray] | None:
+        rel = f"msr/ledger-{round_name(r)}.parquet"
+        if not self.store.exists(rel):
+            return None
+        with self.store.open_input(rel) as fh:
+            t = pq.read_table(fh)
+        col = t.column("shard_skips").combine_chunks()
+        k = col.type.list_size
+        return {
+            "id": t.column("id").to_numpy(),
+            "skips_since_move": t.column("skips_since_move").to_numpy(),
+            "shard_skips": col.flatten().to_numpy().reshape(-1, k),
+        }
+
     # ----------------------------------------------------------------- served
     def publish_served(
         self,
@@ -171,9 +208,9 @@ class RunDir:
         for name in self.store.listdir("rounds"):
             if name.isdigit() and int(name) > committed:
                 self.store.remove(f"rounds/{name}")
-        for sub in ("shards", "stats"):
+        for sub in ("shards", "stats", "migrations", "msr"):
             for name in self.store.listdir(sub):
-                stem = name.removeprefix("round-").removesuffix(".parquet")
+                stem = name.removeprefix("round-").removeprefix("ledger-").removesuffix(".parquet")
                 if stem.isdigit() and int(stem) > committed:
                     self.store.remove(f"{sub}/{name}")
 

@@ -6,6 +6,7 @@
     memshard sample RUN [--num 64] [--steps 50] [--weights ema|raw] [--out grid.png]
     memshard compare CONFIG [--set ...] [--out DIR]   (method vs plain training, same steps)
     memshard evaluate RUN [--num 256] [--steps 50] [--weights ema|raw] [--name default]
+    memshard report RUN   (per-round table; skip-rate, skip-count and migration plots)
 
 CONFIG is a YAML file or the name of a built-in preset (``memshard config presets``).
 User errors (config, data, run directory) print one clear message and exit 2; they are
@@ -123,6 +124,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .progress import console
+    from .report import report
+
+    tab, written = report(args.run)
+    console.print(tab)
+    for path in written:
+        console.print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memshard", description="Memorization-safe diffusion training on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -173,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fid-reference", type=int, help="training images for FID/copy similarity (default all)")
     e.add_argument("--extractor", help="TorchScript feature extractor (e.g. SSCD); default Inception pool3")
     e.set_defaults(func=cmd_evaluate)
+
+    rp = sub.add_parser("report", help="per-round table and plots (skip rates, skip counts, migrations) of a run")
+    rp.add_argument("run", help="run directory (local or s3://)")
+    rp.set_defaults(func=cmd_report)
 
     cp = sub.add_parser("compare", help="train CONFIG and its plain-training baseline (same steps), evaluate both")
     add_config_args(cp)

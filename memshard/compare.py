@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .config import MemshardConfig, build_config
+from .config import METHOD_SWITCHES, MemshardConfig, build_config
 from .driver import TrainOutcome, train
 from .evaluate import EvalOptions, evaluate
 from .progress import console
@@ -30,8 +30,9 @@ def baseline_of(cfg: MemshardConfig, shard_sizes: list[int]) -> MemshardConfig:
     steps = sum(steps_for(cfg, n) for n in shard_sizes)
     d = cfg.to_dict()
     d["name"] = f"{cfg.name}-baseline"
-    d["shards"]["count"] = 1
-    d["agc"]["enabled"] = False
+    d["method"] = "baseline"
+    for section, key in (s.split(".") for s in METHOD_SWITCHES["baseline"]):
+        d[section].pop(key, None)  # the method sets them
     d["train"]["steps_per_round"] = steps
     # the single model may use the CPUs the K proxies had
     d["resources"]["cpus_per_shard"] = min(cfg.resources.cpus_per_shard * k, float(os.cpu_count() or 1))
@@ -95,6 +96,9 @@ def train_and_time(cfg: MemshardConfig, out: str) -> tuple[float, TrainOutcome]:
 
 
 def _label(cfg: MemshardConfig) -> str:
+    k = cfg.shards.count
+    if cfg.msr.enabled or cfg.taa.enabled:
+        return f"IET-AGC+ (K={k}, r={cfg.agc.ratio:g})"
     if cfg.agc.enabled:
-        return f"IET-AGC (K={cfg.shards.count}, r={cfg.agc.ratio:g})"
-    return f"IET (K={cfg.shards.count})"
+        return f"IET-AGC (K={k}, r={cfg.agc.ratio:g})"
+    return f"IET (K={k})"

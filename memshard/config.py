@@ -111,6 +111,71 @@ class AGCConfig(_Section):
     ratio: float = Field(2.0, gt=0, description="r: keep sample j iff l_j * r >= m[t_j] (lambda = 1/r).")
     bank_decay: float = Field(0.8, ge=0, lt=1, description="beta of the per-timestep running loss.")
     bank_init: float = Field(0.0, ge=0, description="Initial bank value (0: nothing skipped at first).")
+    decide_before_backward: bool = Field(
+        False,
+        description="Threshold skipping: decide in a no-grad forward, then forward+backward only the kept "
+        "samples (skipped samples cost no backward). Same decisions as the masked-loss form.",
+    )
+
+
+class MSRConfig(_Section):
+    """Memory-sample redistribution (IET-AGC+): move the most-skipped samples to another shard."""
+
+    enabled: bool = False
+    fraction: float = Field(
+        0.25, gt=0, le=1, description="p: share of each shard's skipped-at-least-once samples moved per migration."
+    )
+    policy: Literal["ring", "random_ring", "balanced"] = Field(
+        "ring",
+        description="ring: to the next shard; random_ring: a ring reshuffled (seeded) each time; balanced: to the "
+        "shard where the sample was skipped least.",
+    )
+    every: int = Field(1, ge=1, description="Migrate after every N-th round (never after the last).")
+    aggregate_on_migration: bool = Field(
+        True,
+        description="Whether proxies start the round after a migration from the average (true) or from their "
+        "own weights (false; the prototype alternates with every=2). The served model is the average either way.",
+    )
+    size_tolerance: float = Field(
+        0.2, ge=0, description="Shard sizes stay within mean*(1 +- tol), or no worse than they were, for every policy."
+    )
+    min_skips: int = Field(1, ge=1, description="A sample is a candidate once skipped this often since it last moved.")
+
+    @model_validator(mode="after")
+    def _schedule(self) -> MSRConfig:
+        if self.enabled and self.every == 1 and not self.aggregate_on_migration:
+            raise ValueError("msr.every=1 with msr.aggregate_on_migration=false would never average the proxies")
+        return self
+
+
+class TAAConfig(_Section):
+    """Threshold-aware augmentation (IET-AGC+): kept samples near the skip threshold are augmented harder."""
+
+    enabled: bool = False
+    mode: Literal["queue", "inline"] = Field(
+        "queue",
+        description="queue: collect kept samples, one extra optimizer step on an augmented batch of them (the "
+        "prototype); inline: augment each sample's next visit by its last strength.",
+    )
+    alpha: float = Field(5.0, gt=0, description="a in s = exp(-a * |r*l - m[t]| / m[t]).")
+    num_ops: int = Field(2, ge=1, le=7, description="RandAugment ops applied per sample.")
+    max_magnitude: float = Field(
+        5.0, ge=0, le=10, description="Magnitude (RandAugment 0-10 scale) at strength 1; the prototype's round(s*5)."
+    )
+    per_sample: bool = Field(True, description="Each sample its own magnitude (else the batch mean, as the prototype).")
+    queue_every: int | None = Field(
+        None, ge=1, description="queue mode: take the extra step once this many kept samples wait (None = batch size)."
+    )
+
+
+class ProxyUpdateConfig(_Section):
+    """Where a proxy starts a round (IET-AGC+ 'learning proxy model parameters'; default off)."""
+
+    update: Literal["average", "extrapolate"] = Field(
+        "average", description="average: from theta_bar; extrapolate: from b*theta_bar - (b-1)*theta_i."
+    )
+    extrapolate_factor: float = Field(2.0, ge=1, description="b.")
+    extrapolate_rounds: int = Field(3, ge=1, description="R_e: extrapolate only at the start of rounds 2..R_e+1.")
 
 
 class ShardsConfig(_Section):
@@ -162,12 +227,45 @@ class MemshardConfig(_Section):
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    method: Literal["baseline", "iet", "iet-agc", "iet-agc-plus"] | None = Field(
+        None,
+        description="Sets the algorithm switches as a whole (see METHOD_SWITCHES); None = the switches as given.",
+    )
     agc: AGCConfig = Field(default_factory=AGCConfig)
+    msr: MSRConfig = Field(default_factory=MSRConfig)
+    taa: TAAConfig = Field(default_factory=TAAConfig)
+    proxy: ProxyUpdateConfig = Field(default_factory=ProxyUpdateConfig)
     shards: ShardsConfig = Field(default_factory=ShardsConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_method(cls, raw: Any) -> Any:
+        """``method`` fills the switches; a switch given explicitly against the method is an error."""
+        if not isinstance(raw, dict) or raw.get("method") is None:
+            return raw
+        method = raw["method"]
+        if method not in METHOD_SWITCHES:
+            return raw  # the Literal check reports it
+        out = copy.deepcopy(raw)
+        clashes = []
+        for dotted, value in METHOD_SWITCHES[method].items():
+            section, key = dotted.split(".")
+            node = out.setdefault(section, {})
+            if not isinstance(node, dict):
+                return raw  # the section's own validation reports it
+            if key in node and node[key] != value:
+                clashes.append(f"{dotted}={node[key]!r} (method {method} sets {value!r})")
+            node[key] = value
+        if clashes:
+            raise ValueError(
+                "contradicts `method`: " + "; ".join(clashes) + ". Drop those keys, change `method`, "
+                "or remove `method` to set the switches one by one"
+            )
+        return out
 
     @model_validator(mode="after")
     def _cross_checks(self) -> MemshardConfig:
@@ -182,6 +280,22 @@ class MemshardConfig(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# The switches each ``method`` sets (spec: baseline = plain training, one model, nothing skipped;
+# iet-agc-plus = every IET-AGC+ part on with the spec's defaults; proxy extrapolation is off by
+# default in the spec, so no method turns it on).
+METHOD_SWITCHES: dict[str, dict[str, Any]] = {
+    "baseline": {"shards.count": 1, "agc.enabled": False, "msr.enabled": False, "taa.enabled": False},
+    "iet": {"agc.enabled": False, "msr.enabled": False, "taa.enabled": False},
+    "iet-agc": {"agc.enabled": True, "msr.enabled": False, "taa.enabled": False},
+    "iet-agc-plus": {
+        "agc.enabled": True,
+        "msr.enabled": True,
+        "taa.enabled": True,
+        "agc.decide_before_backward": True,
+    },
+}
 
 
 # --------------------------------------------------------------------------- loading

@@ -4,9 +4,12 @@ A Ray actor with ``num_cpus=0`` (bookkeeping must never wait behind shard actors
 hold the CPUs). All its state can be rebuilt from the run directory, so a restarted
 coordinator simply re-reads the last committed assignment.
 
-Between rounds it is the place where the assignment may change: ``next_assignment`` is
-the hook where memory-sample redistribution plugs in (a pure planning function over the
-statistics). Without it the assignment carries over unchanged.
+Between rounds it is the place where the assignment changes: with ``msr.enabled`` it keeps
+the skip counters MSR ranks by (:class:`~memshard.migration.SkipLedger`, persisted per round
+in RUN/msr/) and, on migration rounds, runs the pure planner
+(:func:`~memshard.migration.plan_migrations`), writes RUN/migrations/round-XXXX.parquet and
+the next assignment. Shard actors read their own ids from that assignment at the start of the
+next round; nothing is re-read on the driver and no actor restarts.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import numpy as np
 import ray
 
 from .checkpoint import RunDir
+from .config import config_from_json
+from .migration import MigrationPlan, SkipLedger, migrates_after, plan_migrations
+from .proxy import round_seed
 from .shard import shard_sizes, split
 
 
@@ -41,7 +47,13 @@ def round_summary(round_id: int, parts: list[dict[str, Any]], stats: dict[str, n
     visits = int(stats["visits"].sum())
     skips = int(stats["skips"].sum())
     steps = sum(s["steps"] for s in summaries)
+    out: dict[str, Any] = {}
+    if "augmented" in stats and stats["augmented"].sum() > 0:
+        aug = stats["augmented"]
+        out["augmented"] = int(aug.sum())
+        out["mean_strength"] = float(np.nansum(stats["mean_strength"] * aug) / aug.sum())
     return {
+        **out,
         "round": round_id,
         "loss": float(np.mean([s["loss"] for s in summaries])),
         "skip_rate": skips / max(visits, 1),
@@ -53,12 +65,45 @@ def round_summary(round_id: int, parts: list[dict[str, Any]], stats: dict[str, n
     }
 
 
+def migrate(
+    ledger: SkipLedger,
+    ids: np.ndarray,
+    shards: np.ndarray,
+    stats: dict[str, np.ndarray],
+    msr: Any,
+    num_shards: int,
+    seed: int,
+) -> tuple[np.ndarray, MigrationPlan]:
+    """One MSR step over a round's statistics: plan, then reset the movers' counters (Ray-free)."""
+    pos = np.searchsorted(stats["id"], ids)
+    ratio = np.asarray(stats["mean_ratio"], dtype=np.float64)[pos]
+    since = ledger.since_move[np.searchsorted(ledger.ids, ids)]
+    by_shard = ledger.by_shard[np.searchsorted(ledger.ids, ids)]
+    new, plan = plan_migrations(
+        ids,
+        shards,
+        since,
+        ratio,
+        num_shards,
+        fraction=msr.fraction,
+        policy=msr.policy,
+        seed=seed,
+        size_tolerance=msr.size_tolerance,
+        min_skips=msr.min_skips,
+        shard_skips=by_shard,
+    )
+    ledger.reset(plan.ids)
+    return new, plan
+
+
 @ray.remote(num_cpus=0)
 class Coordinator:
-    def __init__(self, run_uri: str, num_shards: int) -> None:
+    def __init__(self, run_uri: str, config_json: str) -> None:
         self.run = RunDir(run_uri)
-        self.num_shards = num_shards
+        self.cfg = config_from_json(config_json)
+        self.num_shards = self.cfg.shards.count
         self._progress: dict[int, tuple[int, int, int]] = {}
+        self._ledger: tuple[int, SkipLedger] | None = None  # (round it is current after, ledger)
 
     # ----------------------------------------------------------- progress
     def report_progress(self, shard: int, round_id: int, done: int, total: int) -> None:
@@ -74,11 +119,36 @@ class Coordinator:
         self.run.write_assignment(0, ids, shards)
         return shard_sizes(shards, self.num_shards)
 
+    def _ledger_after(self, r: int, ids: np.ndarray) -> SkipLedger:
+        """MSR's counters as committed after round ``r`` (memory if current, else RUN/msr/, else zeros)."""
+        if self._ledger is not None and self._ledger[0] == r:
+            return self._ledger[1]
+        cols = self.run.read_ledger(r) if r > 0 else None
+        if cols is None:
+            if r > 0:
+                raise RuntimeError(f"MSR ledger of round {r} is missing from {self.run.uri}/msr/")
+            return SkipLedger(ids, self.num_shards)
+        return SkipLedger.from_columns(cols, self.num_shards)
+
     def next_assignment(
         self, round_id: int, ids: np.ndarray, shards: np.ndarray, stats: dict[str, np.ndarray]
-    ) -> np.ndarray:
-        """Assignment in force for round ``round_id + 1``. Migrations plug in here."""
-        return shards
+    ) -> tuple[np.ndarray, int]:
+        """Assignment in force for round ``round_id + 1``, and how many samples migrated."""
+        msr = self.cfg.msr
+        if not msr.enabled or self.num_shards < 2:
+            return shards, 0
+        ledger = self._ledger_after(round_id - 1, ids)
+        ledger = SkipLedger.from_columns(ledger.to_columns(), self.num_shards)  # never mutate round r-1's
+        ledger.add_round(stats["id"], stats["shard"], stats["skips"])
+        moved = 0
+        if migrates_after(round_id, self.cfg.train.rounds, msr.every):
+            seed = round_seed(self.cfg.seed, round_id, -1)  # -1: the coordinator's stream
+            shards, plan = migrate(ledger, ids, shards, stats, msr, self.num_shards, seed)
+            self.run.write_migrations(round_id, plan.as_columns())
+            moved = len(plan)
+        self.run.write_ledger(round_id, ledger.ids, ledger.since_move, ledger.by_shard)
+        self._ledger = (round_id, ledger)
+        return shards, moved
 
     def record_round(self, round_id: int, stat_refs: list[ray.ObjectRef]) -> dict[str, Any]:
         """Write the round's statistics and next assignment; return the round summary."""
@@ -88,8 +158,12 @@ class Coordinator:
         if not np.array_equal(np.sort(stats["id"]), ids):
             raise RuntimeError(f"round {round_id}: statistics do not cover the assignment exactly once")
         self.run.write_stats(round_id, {"round": np.full(len(stats["id"]), round_id, dtype=np.int32), **stats})
-        new_shards = self.next_assignment(round_id, ids, shards, stats)
+        new_shards, moved = self.next_assignment(round_id, ids, shards, stats)
         self.run.write_assignment(round_id, ids, new_shards)
         summary = round_summary(round_id, parts, stats)
         summary["shard_sizes"] = shard_sizes(new_shards, self.num_shards)
+        summary["migrated"] = moved
+        summary["migration_round"] = bool(
+            self.cfg.msr.enabled and migrates_after(round_id, self.cfg.train.rounds, self.cfg.msr.every)
+        )
         return summary

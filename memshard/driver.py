@@ -35,6 +35,7 @@ from .config import MemshardConfig, build_config
 from .coordinator import Coordinator
 from .data import prepare
 from .ingest import Ingested, format_bad, ingest
+from .migration import migrates_after
 from .progress import RoundProgress, console
 from .proxy import steps_for
 from .unet import build_scheduler, build_unet, unet_config
@@ -196,7 +197,7 @@ def train(
         name=coordinator_name,
         max_restarts=cfg.resources.actor_max_restarts,
         max_task_retries=cfg.resources.actor_max_restarts,
-    ).remote(run_uri, cfg.shards.count)
+    ).remote(run_uri, cfg.model_dump_json())
 
     if not resume:
         workdir = tempfile.mkdtemp(prefix="memshard-data-")
@@ -247,6 +248,7 @@ def train(
             console.print(f"run {run_uri} already has {committed} committed round(s); nothing to do")
         sizes = manifest["rounds"][-1]["shard_sizes"] if manifest["rounds"] else manifest["initial_shard_sizes"]
         last_round_s = 0.0
+        own_weights_next = committed > 0 and starts_from_own_weights(cfg, committed)
         with RoundProgress(enabled=cfg.logging.progress) as progress:
             for r in range(committed + 1, cfg.train.rounds + 1):
                 t0 = time.perf_counter()
@@ -255,7 +257,8 @@ def train(
                     break
                 total_steps = sum(steps_for(cfg, s) for s in sizes)
                 progress.start_round(r, cfg.train.rounds, total_steps)
-                outs = [a.train_round.remote(r, global_ref) for a in actors]
+                start_ref = None if own_weights_next else global_ref
+                outs = [a.train_round.remote(r, start_ref) for a in actors]
                 weight_refs = [o[0] for o in outs]
                 stat_refs = [o[1] for o in outs]
                 agg_ref = aggregate_round.remote(run_uri, r, weight_refs)
@@ -272,6 +275,7 @@ def train(
                 sizes = summary["shard_sizes"]
                 global_ref = agg_ref
                 last_round_s = summary["round_s"]
+                own_weights_next = starts_from_own_weights(cfg, r)
     finally:
         for a in actors:
             ray.kill(a)
@@ -287,6 +291,15 @@ def train(
     return TrainOutcome(
         run_uri=run_uri, rounds_completed=done, served=served, manifest=final, complete=done >= cfg.train.rounds
     )
+
+
+def starts_from_own_weights(cfg: MemshardConfig, r: int) -> bool:
+    """After round r, do proxies continue from their own weights instead of the average?
+
+    Only after a migration round when ``msr.aggregate_on_migration`` is false (the prototype's
+    alternation). The average is still computed and served; it is just not loaded back.
+    """
+    return cfg.msr.enabled and not cfg.msr.aggregate_on_migration and migrates_after(r, cfg.train.rounds, cfg.msr.every)
 
 
 def _wait_with_progress(refs: list[ray.ObjectRef], coordinator: Any, progress: RoundProgress, r: int) -> None:

@@ -19,8 +19,10 @@ def summary_line(s: dict[str, Any], rounds: int | None = None) -> str:
         f"({s['skips']}/{s['visits']} visits, {s['samples_skipped_once']} samples skipped at least once)  "
         f"{s.get('images_per_s', 0):.0f} img/s  {s.get('round_s', 0):.1f}s  shards [{sizes}]"
     )
-    if s.get("migrated"):
-        line += f"  migrated {s['migrated']}"
+    if s.get("migration_round") or s.get("migrated"):
+        line += f"  migrated {s.get('migrated', 0)}"
+    if s.get("augmented"):
+        line += f"  augmented {s['augmented']} (mean strength {s['mean_strength']:.2f})"
     return line
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import skip
-from .config import MemshardConfig
+from . import augment, skip
+from .config import MemshardConfig, TAAConfig
 from .unet import build_scheduler, build_unet
 
 StateDict = dict[str, torch.Tensor]
@@ -58,14 +58,20 @@ class RoundResult:
     steps: int
     mean_batch_loss: float
     skip_rate: float
+    augmented: np.ndarray | None = None  # TAA: augmented visits per sample
+    mean_strength: np.ndarray | None = None  # TAA: mean strength s over kept visits; NaN if none
+    extra_steps: int = 0  # TAA queue mode: optimizer steps taken on augmented batches (part of ``steps``)
 
     def as_columns(self) -> dict[str, np.ndarray]:
+        n = len(self.ids)
         return {
             "id": self.ids,
             "visits": self.visits,
             "skips": self.skips,
             "mean_loss": self.mean_loss,
             "mean_ratio": self.mean_ratio,
+            "augmented": self.augmented if self.augmented is not None else np.zeros(n, np.int64),
+            "mean_strength": self.mean_strength if self.mean_strength is not None else np.full(n, np.nan),
         }
 
 
@@ -125,6 +131,7 @@ class Proxy:
             (cfg.model.num_train_timesteps,), cfg.agc.bank_init, dtype=torch.float32, device=self.device
         )
         self.step = 0  # optimizer steps taken by this proxy over all rounds
+        self.taa_strength: dict[int, float] = {}  # TAA inline mode: last strength per sample id
         self.last_round_seed: int | None = None
         self.nonfinite_steps = 0
         self.amp_dtype = self._amp_dtype()
@@ -145,6 +152,39 @@ class Proxy:
             for k, v in self.ema.items():
                 v.copy_(torch.as_tensor(source[k]))
 
+    @property
+    def keeps_own_weights(self) -> bool:
+        """Whether this proxy's own end-of-round weights matter next round (so they are checkpointed)."""
+        msr = self.cfg.msr
+        return (msr.enabled and not msr.aggregate_on_migration) or self.cfg.proxy.update == "extrapolate"
+
+    def start_round(self, round_id: int, raw: StateDict | None, ema: StateDict | None) -> None:
+        """Set the weights round ``round_id`` starts from.
+
+        ``raw is None``: continue from this proxy's own weights (after a non-aggregating MSR
+        round). ``proxy.update = extrapolate`` for rounds 2..R_e+1: b*theta_bar - (b-1)*theta_i,
+        a step past the average away from this proxy's own shard. Otherwise the average. The
+        served model is always the plain average of the proxies' end-of-round weights, whichever
+        start the proxies take.
+        """
+        if raw is None:
+            return
+        pu = self.cfg.proxy
+        if pu.update == "extrapolate" and 2 <= round_id <= pu.extrapolate_rounds + 1:
+            b = pu.extrapolate_factor
+            own = self.unet.state_dict()
+            start = {}
+            for k, v in raw.items():
+                g = torch.as_tensor(v)
+                start[k] = b * g.to(own[k].dtype) - (b - 1) * own[k].detach().cpu() if g.is_floating_point() else g
+            self.unet.load_state_dict(start)
+            if self.ema is not None:
+                source = ema if ema is not None else raw
+                for k, v in self.ema.items():
+                    v.copy_(torch.as_tensor(source[k]))
+            return
+        self.load_global(raw, ema)
+
     def weights(self) -> tuple[StateDict, StateDict | None]:
         """CPU copies of (raw, ema) weights, for aggregation."""
         raw = {k: v.detach().to("cpu", copy=True) for k, v in self.unet.state_dict().items()}
@@ -155,6 +195,15 @@ class Proxy:
     def state(self) -> tuple[StateDict, dict]:
         """Everything that persists across rounds but is not averaged: (tensors, json meta)."""
         tensors: StateDict = {"bank": self.bank.detach().cpu().clone()}
+        if self.taa_strength:
+            keys = sorted(self.taa_strength)
+            tensors["taa.ids"] = torch.tensor(keys, dtype=torch.int64)
+            tensors["taa.strength"] = torch.tensor([self.taa_strength[k] for k in keys], dtype=torch.float32)
+        if self.keeps_own_weights:
+            raw, ema = self.weights()
+            tensors.update({f"w.raw.{k}": v for k, v in raw.items()})
+            if ema is not None:
+                tensors.update({f"w.ema.{k}": v for k, v in ema.items()})
         opt = self.optimizer.state_dict()
         for idx, pstate in opt["state"].items():
             for name, value in pstate.items():
@@ -175,12 +224,19 @@ class Proxy:
 
     def load_state(self, tensors: StateDict, meta: dict) -> None:
         self.bank.copy_(tensors["bank"].to(self.device))
+        if "taa.ids" in tensors:
+            ids, st = tensors["taa.ids"].tolist(), tensors["taa.strength"].tolist()
+            self.taa_strength = dict(zip(ids, st, strict=True))
+        own_raw = {k[6:]: v for k, v in tensors.items() if k.startswith("w.raw.")}
+        if own_raw:
+            own_ema = {k[6:]: v for k, v in tensors.items() if k.startswith("w.ema.")}
+            self.load_global(own_raw, own_ema or None)
         self.step = int(meta["step"])
         self.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
         current = self.optimizer.state_dict()
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
-            if key.startswith("opt."):
+            if key.startswith("opt."):  # (w.* and taa.* keys were taken above)
                 _, idx, name = key.split(".", 2)
                 state.setdefault(int(idx), {})[name] = value
         self.optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
@@ -223,14 +279,36 @@ class Proxy:
         batch_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         report_every = cfg.train.progress_every
 
-        for i in range(steps):
-            idx = order[i]
+        taa = cfg.taa if (cfg.taa.enabled and cfg.agc.enabled) else None
+        aug_gen = torch.Generator(device=self.device).manual_seed(seed ^ 0x7AA)  # TAA's own stream
+        augmented = torch.zeros(n, dtype=torch.int64, device=self.device)
+        strength_sum = torch.zeros(n, dtype=torch.float64, device=self.device)
+        strength_n = torch.zeros(n, dtype=torch.int64, device=self.device)
+        # inline mode: each sample's last strength, carried across rounds by id
+        last_strength = torch.tensor(
+            [self.taa_strength.get(int(i), 0.0) for i in data.ids.tolist()], dtype=torch.float32, device=self.device
+        )
+        queue: list[torch.Tensor] = []  # queue mode: (index, strength) rows of kept samples, this round only
+        queued = 0
+        queue_size = (taa.queue_every or cfg.train.batch_size) if taa is not None else 0
+        extra_steps = 0
+        regular = 0  # batches of the precomputed order consumed
+
+        i = 0
+        while i < steps:
+            idx = order[regular]
+            regular += 1
             x0 = data.images[idx].float().div_(127.5).sub_(1.0)
             labels = data.labels[idx] if (data.labels is not None and cfg.model.class_conditional) else None
             t = torch.randint(0, T, (idx.numel(),), generator=gen, device=self.device)
             noise = torch.randn(x0.shape, generator=gen, device=self.device)
-            stats = self._step(x0, noise, t, labels, self.lr_at(self.step, warmup))
-            per, keep, ratio = stats
+            if taa is not None and taa.mode == "inline":
+                s_prev = last_strength[idx]
+                x0 = augment.augment(
+                    x0, augment.magnitudes(s_prev, taa.max_magnitude, taa.per_sample), aug_gen, taa.num_ops
+                )
+                augmented.index_add_(0, idx, (s_prev > 0).to(torch.int64))
+            per, keep, ratio, bank_before = self._step(x0, noise, t, labels, self.lr_at(self.step, warmup))
             visits.index_add_(0, idx, torch.ones_like(idx))
             skips.index_add_(0, idx, (~keep).to(torch.int64))
             loss_sum.index_add_(0, idx, per.double())
@@ -239,8 +317,34 @@ class Proxy:
             ratio_n.index_add_(0, idx, finite.to(torch.int64))
             batch_loss_sum += per.double().mean()
             self.step += 1
-            if on_progress is not None and ((i + 1) % report_every == 0 or i + 1 == steps):
-                on_progress(i + 1, steps)
+            i += 1
+            if taa is not None:
+                s_new = augment.strength(per, bank_before, t, cfg.agc.ratio, taa.alpha)
+                k_idx, k_s = idx[keep], s_new[keep]
+                strength_sum.index_add_(0, k_idx, k_s.double())
+                strength_n.index_add_(0, k_idx, torch.ones_like(k_idx))
+                if taa.mode == "inline":
+                    last_strength[k_idx] = k_s.float()
+                else:
+                    queue.append(torch.stack([k_idx.double(), k_s.double()], dim=1))
+                    queued += int(k_idx.numel())
+                    if queued >= queue_size and i < steps:
+                        rows = torch.cat(queue)
+                        take, rest = rows[:queue_size], rows[queue_size:]
+                        queue, queued = ([rest] if len(rest) else []), len(rest)
+                        q_idx = take[:, 0].long()
+                        self._augmented_step(data, q_idx, take[:, 1].float(), taa, gen, aug_gen, warmup)
+                        augmented.index_add_(0, q_idx, torch.ones_like(q_idx))
+                        self.step += 1
+                        i += 1
+                        extra_steps += 1
+            if on_progress is not None and (i % report_every == 0 or i >= steps):
+                on_progress(min(i, steps), steps)
+
+        if taa is not None and taa.mode == "inline":
+            for sid, val in zip(data.ids.tolist(), last_strength.cpu().tolist(), strict=True):
+                if val > 0:
+                    self.taa_strength[int(sid)] = float(val)
 
         # one device->host copy per round
         v = visits.cpu().numpy()
@@ -249,6 +353,8 @@ class Proxy:
             mean_loss = np.where(v > 0, loss_sum.cpu().numpy() / np.maximum(v, 1), np.nan)
             rn = ratio_n.cpu().numpy()
             mean_ratio = np.where(rn > 0, ratio_sum.cpu().numpy() / np.maximum(rn, 1), np.nan)
+            sn = strength_n.cpu().numpy()
+            mean_strength = np.where(sn > 0, strength_sum.cpu().numpy() / np.maximum(sn, 1), np.nan)
         return RoundResult(
             ids=data.ids.astype(np.int64),
             visits=v.astype(np.int64),
@@ -256,8 +362,11 @@ class Proxy:
             mean_loss=mean_loss.astype(np.float64),
             mean_ratio=mean_ratio.astype(np.float64),
             steps=steps,
-            mean_batch_loss=float(batch_loss_sum.item() / steps),
+            mean_batch_loss=float(batch_loss_sum.item() / max(regular, 1)),
             skip_rate=float(s.sum() / max(v.sum(), 1)),
+            augmented=augmented.cpu().numpy().astype(np.int64),
+            mean_strength=mean_strength.astype(np.float64),
+            extra_steps=extra_steps,
         )
 
     def _targets(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,42 +376,100 @@ class Proxy:
         target = noise if self.cfg.model.prediction_type == "epsilon" else a * noise - b * x0
         return xt, target
 
-    def _step(
-        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, lr: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One optimizer step with the AGC rule. Returns (per-sample loss, keep mask, loss ratio)."""
-        cfg = self.cfg
+    def _forward(self, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            return self.unet(xt, t, class_labels=labels).sample
+
+    def _optimizer_step(self, loss: torch.Tensor | None, lr: float) -> None:
+        """Backward ``loss`` (None: every sample was skipped, zero gradients) and step.
+
+        A batch with every sample skipped still steps (spec): with zero gradients Adam's
+        moments decay and the parameters move by their momentum, as in the masked-loss form.
+        """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        xt, target = self._targets(x0, noise, t)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            pred = self.unet(xt, t, class_labels=labels).sample
-        per = skip.per_sample_loss(pred, target)
-        ratio = skip.loss_ratio(per, self.bank, t)
-        if cfg.agc.enabled:
-            keep = skip.keep_mask(per, self.bank, t, cfg.agc.ratio)
-        else:
-            keep = torch.ones_like(per, dtype=torch.bool)
-        loss = skip.masked_loss(per, keep)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
+        if loss is None:
+            for p in self.unet.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+        elif self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        if cfg.train.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.train.grad_clip)
-        if self.scaler is not None:
+        if self.cfg.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.cfg.train.grad_clip)
+        if self.scaler is not None and loss is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         if self.ema is not None:
             self._update_ema()
+
+    def _step(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, lr: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step with the AGC rule.
+
+        Returns (per-sample loss, keep mask, loss ratio, the bank the decision used). With
+        ``agc.decide_before_backward`` the decision comes from a no-grad forward and only the
+        kept samples are forwarded again with gradients, so skipped samples cost no backward;
+        the loss is then the mean over kept samples, which is exactly the masked loss.
+        """
+        cfg = self.cfg
+        xt, target = self._targets(x0, noise, t)
+        self.optimizer.zero_grad(set_to_none=True)
+        bank_before = self.bank
+        if cfg.agc.enabled and cfg.agc.decide_before_backward:
+            with torch.no_grad():
+                per = skip.per_sample_loss(self._forward(xt, t, labels), target)
+            keep = skip.keep_mask(per, self.bank, t, cfg.agc.ratio)
+            loss = None
+            if bool(keep.any()):
+                sel = keep.nonzero().squeeze(1)
+                lab = labels[sel] if labels is not None else None
+                loss = skip.per_sample_loss(self._forward(xt[sel], t[sel], lab), target[sel]).mean()
+        else:
+            per_g = skip.per_sample_loss(self._forward(xt, t, labels), target)
+            per = per_g.detach()
+            keep = (
+                skip.keep_mask(per, self.bank, t, cfg.agc.ratio)
+                if cfg.agc.enabled
+                else torch.ones_like(per, dtype=torch.bool)
+            )
+            loss = skip.masked_loss(per_g, keep)
+        ratio = skip.loss_ratio(per, self.bank, t)
+        self._optimizer_step(loss, lr)
         # The bank sees every sample, skipped or not, after the mask was taken. It is kept
         # even with AGC off, so a baseline run records the same loss-ratio statistics.
         self.bank = skip.update_bank(self.bank, per, t, cfg.agc.bank_decay)
-        return per.detach(), keep, ratio
+        return per, keep, ratio, bank_before
+
+    def _augmented_step(
+        self,
+        data: ShardData,
+        idx: torch.Tensor,
+        strengths: torch.Tensor,
+        taa: TAAConfig,
+        gen: torch.Generator,
+        aug_gen: torch.Generator,
+        warmup: int,
+    ) -> None:
+        """TAA queue mode: one extra optimizer step on queued kept samples, augmented by strength.
+
+        Plain diffusion loss (no skipping, no bank update): these samples were kept moments
+        ago, and feeding augmented losses into the bank would bias the skip threshold.
+        """
+        x0 = data.images[idx].float().div_(127.5).sub_(1.0)
+        x0 = augment.augment(x0, augment.magnitudes(strengths, taa.max_magnitude, taa.per_sample), aug_gen, taa.num_ops)
+        labels = data.labels[idx] if (data.labels is not None and self.cfg.model.class_conditional) else None
+        t = torch.randint(0, self.cfg.model.num_train_timesteps, (idx.numel(),), generator=gen, device=self.device)
+        noise = torch.randn(x0.shape, generator=gen, device=self.device)
+        xt, target = self._targets(x0, noise, t)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = skip.per_sample_loss(self._forward(xt, t, labels), target).mean()
+        self._optimizer_step(loss, self.lr_at(self.step, warmup))
 
     @torch.no_grad()
     def _update_ema(self) -> None:

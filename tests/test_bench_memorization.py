@@ -29,6 +29,8 @@ def test_arms_are_like_for_like():
     assert cfgs["baseline"].shards.count == 1 and not cfgs["baseline"].agc.enabled
     assert cfgs["iet"].shards.count == size.shards and not cfgs["iet"].agc.enabled
     assert cfgs["iet-agc"].agc.enabled and cfgs["agc"].agc.enabled and cfgs["agc"].shards.count == 1
+    plus = cfgs["iet-agc-plus"]
+    assert plus.msr.enabled and plus.taa.enabled and plus.agc.decide_before_backward and not cfgs["iet-agc"].msr.enabled
     # the resources of a run are split over its proxies, so every arm asks for the same machine
     for c in cfgs.values():
         assert c.shards.count * c.resources.cpus_per_shard == pytest.approx(size.cpus)

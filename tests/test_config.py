@@ -35,7 +35,7 @@ def test_contract_keys_exist():
             "train.rounds=2",
             "train.steps_per_round=5",
             "train.batch_size=8",
-            "agc.enabled=false",
+            "method=iet",
             "agc.ratio=3",
             "agc.bank_decay=0.5",
         ],

@@ -34,7 +34,7 @@ def test_round_statistics_add_up():
 
 
 def test_agc_off_never_skips_but_bank_is_kept():
-    cfg = load_config("demo", [*BASE, "agc.enabled=false"])
+    cfg = load_config("demo", [*BASE, "method=iet"])
     proxy = Proxy(cfg, 0, torch.device("cpu"))
     res = proxy.train_round(1, _data(), steps=6)
     assert res.skips.sum() == 0

@@ -74,7 +74,7 @@ def test_more_shards_than_samples_is_refused(ray_cluster, messy_parquet, tmp_pat
 
 def test_baseline_mode_is_one_shard_without_skipping(ray_cluster, tmp_path):
     out = str(tmp_path / "baseline")
-    outcome = train(load_config("demo", [*TINY, "shards.count=1", "agc.enabled=false", "train.rounds=1"]), out=out)
+    outcome = train(load_config("demo", [*TINY, "method=baseline", "shards.count=1", "train.rounds=1"]), out=out)
     assert outcome.rounds_completed == 1
     stats = RunDir(out).read_stats(1).to_pandas()
     assert set(stats["shard"]) == {0} and stats["skips"].sum() == 0 and stats["visits"].sum() == 24
