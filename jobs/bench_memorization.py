@@ -25,6 +25,7 @@ how the ``gpu`` size runs on machines lent in 10-minute slices.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -167,6 +168,27 @@ def run_method(cfg: MemshardConfig, out: str, opts: EvalOptions, deadline: float
     return metrics
 
 
+def curve(run_dir: str, opts: EvalOptions, rounds: int, steps_per_round: int) -> list[dict[str, Any]]:
+    """Memorization and FID of the global model after each earlier round (the arm's path over training).
+
+    Plain training evaluated this way is the early-stopping frontier: a defence is only worth
+    its cost if it sits below that curve, i.e. copies less than plain training at the same FID.
+    """
+    points = []
+    for r in range(1, rounds):
+        name = f"{opts.name}-r{r}"
+        path = os.path.join(run_dir, "eval", name, "metrics.json")
+        if os.path.exists(path):
+            with open(path) as fh:
+                m = json.load(fh)
+        else:
+            m = evaluate(run_dir, dataclasses.replace(opts, name=name, round=r))
+        points.append(
+            {"round": r, "steps": r * steps_per_round, "memorized_fraction": m["memorized_fraction"], "fid": m["fid"]}
+        )
+    return points
+
+
 def _timing_path(run_dir: str) -> str:
     """Wall times of one arm, summed over calls; beside the run directory, not inside it."""
     return f"{run_dir.rstrip('/')}.timing.json"
@@ -266,11 +288,31 @@ def targets_text(rows: list[dict[str, Any]]) -> str:
         fid_up = m["fid"] / base["fid"] - 1
         ok_mem, ok_fid = cut >= 0.5, fid_up <= 0.05
         out.append(
-            f"- {row['label']}: memorized fraction {100 * cut:+.0f}% lower (target >= 50%: "
+            f"- {row['label']}: memorized fraction {100 * cut:.0f}% lower (target >= 50%: "
             f"{'met' if ok_mem else 'missed'}), FID {100 * fid_up:+.1f}% vs baseline (target <= +5%: "
             f"{'met' if ok_fid else 'missed'})"
         )
     return "\n".join(out)
+
+
+def curve_text(rows: list[dict[str, Any]]) -> str:
+    """Earlier checkpoints of the arms evaluated with --curve (empty when none were)."""
+    lines = []
+    for row in rows:
+        for p in row.get("curve") or []:
+            lines.append(
+                f"| {row['label']} | {p['round']} | {p['steps']} | {100 * p['memorized_fraction']:.1f}% | "
+                f"{p['fid']:.2f} |"
+            )
+    if not lines:
+        return ""
+    head = [
+        "Earlier checkpoints (same evaluation; the final round is the table above):",
+        "",
+        "| method | after round | total steps | memorized (1/3 rule) | FID |",
+        "|---|---|---|---|---|",
+    ]
+    return "\n".join(head + lines)
 
 
 def _rel(x: float, ref: float) -> str:
@@ -291,6 +333,13 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for row in rows:
         m = row["metrics"]
+        pts = row.get("curve") or []
+        if pts:
+            xs = [p["fid"] for p in pts] + [m["fid"]]
+            ys = [100 * p["memorized_fraction"] for p in pts] + [100 * m["memorized_fraction"]]
+            ax1.plot(xs, ys, linestyle="--", marker=".", alpha=0.6)
+            for p in pts:
+                ax1.annotate(f"{p['steps']} steps", (p["fid"], 100 * p["memorized_fraction"]), fontsize=7)
         ax1.scatter(m["fid"], 100 * m["memorized_fraction"], s=60)
         ax1.annotate(row["label"], (m["fid"], 100 * m["memorized_fraction"]), textcoords="offset points", xytext=(6, 4))
         th = sorted(m["nn_ratio_fraction"], key=float)
@@ -311,17 +360,17 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 def write_report(out: str, size: str, rows: list[dict[str, Any]], command: str) -> str:
     """results.md / results.json / bench.png under ``out``; returns the Markdown."""
-    text = "\n\n".join(
-        [
-            f"## Memorization benchmark, size `{size}`",
-            f"Command: `{command}`",
-            results_table(rows),
-            "Efficacy targets:\n" + targets_text(rows),
-            "Which training images were copied (nearest neighbour of a memorized generation), and had AGC "
-            "skipped them:\n\n" + analysis_text(rows),
-            "![privacy vs quality](bench.png)",
-        ]
-    )
+    parts = [
+        f"## Memorization benchmark, size `{size}`",
+        f"Command: `{command}`",
+        results_table(rows),
+        "Efficacy targets:\n" + targets_text(rows),
+        "Which training images were copied (nearest neighbour of a memorized generation), and had AGC "
+        "skipped them:\n\n" + analysis_text(rows),
+        curve_text(rows),
+        "![privacy vs quality](bench.png)",
+    ]
+    text = "\n\n".join(p for p in parts if p)
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write(text + "\n")
     _write_json(os.path.join(out, "results.json"), rows)
@@ -340,12 +389,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="Steps per shard per round (default per size).")
     parser.add_argument("--eval-steps", type=int, default=50, help="DDIM steps per generation.")
     parser.add_argument("--time-budget-s", type=float, default=None, help="Stop this call after about this long.")
+    parser.add_argument(
+        "--curve",
+        default="",
+        help="Comma list of arms whose earlier rounds are evaluated too (e.g. baseline: the early-stopping curve).",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Extra config override k=v.")
     args = parser.parse_args(argv)
 
     size = SIZES[args.size]
     keys = [k.strip() for k in args.methods.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in METHODS]
+    curve_keys = {k.strip() for k in args.curve.split(",") if k.strip()}
+    unknown = [k for k in [*keys, *curve_keys] if k not in METHODS]
     if unknown or not keys:
         parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     data = args.data or (os.path.abspath(DEFAULT_GPU_DATA) if args.size == "gpu" else None)
@@ -375,9 +430,11 @@ def main(argv: list[str] | None = None) -> int:
             return INCOMPLETE_EXIT
         for line in summary_lines(metrics):
             console.print(f"  {line}")
-        rows.append(
-            {"method": key, "label": METHODS[key].label, "metrics": metrics, "analysis": analyse(run_dir, metrics)}
-        )
+        row = {"method": key, "label": METHODS[key].label, "metrics": metrics, "analysis": analyse(run_dir, metrics)}
+        if key in curve_keys:
+            cfg = cfgs[key]
+            row["curve"] = curve(run_dir, opts, cfg.train.rounds, cfg.train.steps_per_round * cfg.shards.count)
+        rows.append(row)
     command = "python jobs/bench_memorization.py " + " ".join(sys.argv[1:] if argv is None else argv)
     console.print(write_report(out, args.size, rows, command.strip()))
     console.print(f"results: {os.path.join(out, 'results.md')}, plot: {os.path.join(out, 'bench.png')}")

@@ -99,6 +99,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         fid_reference=args.fid_reference,
         extractor=args.extractor,
+        round=args.round,
     )
     try:
         metrics = evaluate(args.run, opts)
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--fid-reference", type=int, help="training images for FID/copy similarity (default all)")
     e.add_argument("--extractor", help="TorchScript feature extractor (e.g. SSCD); default Inception pool3")
+    e.add_argument("--round", type=int, help="evaluate the weights committed after this round (default: served)")
     e.set_defaults(func=cmd_evaluate)
 
     rp = sub.add_parser("report", help="per-round table and plots (skip rates, skip counts, migrations) of a run")

@@ -52,13 +52,22 @@ class EvalOptions:
     calibration_images: int = 256
     memory_budget_bytes: int = 256 * 2**20
     classifier_epochs: int = 5
+    round: int | None = None  # evaluate the global weights of this committed round (None = the served model)
 
 
 @ray.remote
 def _generate_chunk(
-    run_uri: str, weights: str, start: int, count: int, steps: int, seed: int, labels: list[int] | None, batch_size: int
+    run_uri: str,
+    weights: str,
+    start: int,
+    count: int,
+    steps: int,
+    seed: int,
+    labels: list[int] | None,
+    batch_size: int,
+    round_id: int | None = None,
 ) -> np.ndarray:
-    unet, sched, _ = load_served_unet(run_uri, weights)
+    unet, sched, _ = load_served_unet(run_uri, weights, round_id)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lab = torch.tensor(labels, dtype=torch.long) if labels is not None else None
     imgs = ddim_sample(
@@ -76,7 +85,14 @@ def _generate_chunk(
 
 
 def generate(
-    run_uri: str, num: int, steps: int, weights: str, seed: int, labels: np.ndarray | None, batch_size: int
+    run_uri: str,
+    num: int,
+    steps: int,
+    weights: str,
+    seed: int,
+    labels: np.ndarray | None,
+    batch_size: int,
+    round_id: int | None = None,
 ) -> np.ndarray:
     """(num, H, W, C) uint8 samples, split over one task per GPU (or per CPU locally)."""
     res = ray.cluster_resources()
@@ -89,7 +105,9 @@ def generate(
         count = min(per, num - start)
         lab = labels[start : start + count].tolist() if labels is not None else None
         refs.append(
-            _generate_chunk.options(**opts).remote(run_uri, weights, start, count, steps, seed, lab, batch_size)
+            _generate_chunk.options(**opts).remote(
+                run_uri, weights, start, count, steps, seed, lab, batch_size, round_id
+            )
         )
     return np.concatenate(ray.get(refs))
 
@@ -171,7 +189,13 @@ def evaluate(run_uri: str, opts: EvalOptions) -> dict[str, Any]:
     labels = None
     if cfg.model.class_conditional:
         labels = np.arange(opts.num) % cfg.data.num_classes
-    gen_hwc = generate(run_uri, opts.num, opts.steps, opts.weights, opts.seed, labels, opts.batch_size)
+    if opts.round is not None and not 1 <= opts.round <= manifest["rounds_completed"]:
+        raise FileNotFoundError(
+            f"{run_uri}: round {opts.round} is not committed (rounds 1..{manifest['rounds_completed']})"
+        )
+    gen_hwc = generate(
+        run_uri, opts.num, opts.steps, opts.weights, opts.seed, labels, opts.batch_size, round_id=opts.round
+    )
     gen = _to_float(gen_hwc)
     train = train_u8.astype(np.float32) / 255.0
     train_t = torch.from_numpy(train)
@@ -197,7 +221,7 @@ def evaluate(run_uri: str, opts: EvalOptions) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {
         "run": run_uri,
-        "round": manifest["rounds_completed"],
+        "round": opts.round if opts.round is not None else manifest["rounds_completed"],
         "weights": opts.weights,
         "ddim_steps": opts.steps,
         "seed": opts.seed,

@@ -19,8 +19,14 @@ from PIL import Image
 from .storage import Storage
 
 
-def load_served_unet(run_uri: str, weights: str = "ema") -> tuple[UNet2DModel, dict[str, Any], dict[str, Any]]:
-    """(unet, scheduler config, memshard info) of RUN/served; ``weights`` = ema | raw."""
+def load_served_unet(
+    run_uri: str, weights: str = "ema", round_id: int | None = None
+) -> tuple[UNet2DModel, dict[str, Any], dict[str, Any]]:
+    """(unet, scheduler config, memshard info) of RUN/served; ``weights`` = ema | raw.
+
+    ``round_id`` loads the global weights committed after that round instead (same
+    architecture as the served model), e.g. to trace memorization over training.
+    """
     store = Storage(run_uri)
     if not store.exists("served/model_index.json"):
         raise FileNotFoundError(f"{run_uri}: no served model (RUN/served/model_index.json missing)")
@@ -31,6 +37,15 @@ def load_served_unet(run_uri: str, weights: str = "ema") -> tuple[UNet2DModel, d
             raise FileNotFoundError(f"{run_uri}: raw weights not found in RUN/served/unet_raw")
         unet = UNet2DModel.from_pretrained(os.path.join(local, sub), low_cpu_mem_usage=False)
         sched = json.loads(open(os.path.join(local, "scheduler", "scheduler_config.json")).read())
+    if round_id is not None:
+        from .checkpoint import RunDir, round_name
+
+        run = RunDir(run_uri)
+        if not run.store.exists(f"rounds/{round_name(round_id)}/global.safetensors"):
+            raise FileNotFoundError(f"{run_uri}: no committed weights for round {round_id}")
+        raw, ema = run.load_weights(round_id)
+        unet.load_state_dict(ema if weights == "ema" and ema is not None else raw)
+        info = {**info, "round": round_id}
     return unet, sched, info
 
 

@@ -54,7 +54,7 @@ def test_benchmark_end_to_end_resumes_after_budget(ray_cluster, tmp_path):
     argv = [
         "--size", "cpu", "--out", str(out), "--methods", "baseline,iet-agc", "--steps", "3", "--num", "8",
         "--eval-steps", "2", "--set", "data.limit=24", "--set", "train.rounds=2", "--set", "train.batch_size=8",
-        "--set", "train.warmup_steps=1",
+        "--set", "train.warmup_steps=1", "--curve", "baseline",
     ]  # fmt: skip
     # a zero budget stops the first call before any round: exit 3, nothing evaluated, run resumable
     assert job.main([*argv, "--time-budget-s", "0"]) == job.INCOMPLETE_EXIT
@@ -68,7 +68,12 @@ def test_benchmark_end_to_end_resumes_after_budget(ray_cluster, tmp_path):
     assert base["steps"] == iet["steps"] == 2 * 4 * 3 and base["images_seen"] == iet["images_seen"] == 24 * 8
     assert base["skip_rate"] == 0.0  # no AGC in the baseline, so nothing skipped
     assert rows[1]["metrics"]["num_samples"] == 8
+    # --curve baseline: the round-1 checkpoint evaluated as well (12 of the 24 steps)
+    assert [(p["round"], p["steps"]) for p in rows[0]["curve"]] == [(1, 12)] and "curve" not in rows[1]
+    early = json.loads((out / "baseline" / "eval" / "bench-r1" / "metrics.json").read_text())
+    assert early["round"] == 1 and rows[0]["metrics"]["round"] == 2
     text = (out / "results.md").read_text()
+    assert "| plain training | 1 | 12 |" in text
     assert "| plain training |" in text and "| IET-AGC |" in text and "target >= 50%" in text
     assert (out / "bench.png").stat().st_size > 10_000
 
