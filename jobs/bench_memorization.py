@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from memshard.config import MemshardConfig, load_config
-from memshard.driver import train
+from memshard.driver import connect, train
 from memshard.evaluate import EvalOptions, evaluate, summary_lines
 from memshard.progress import console
 
@@ -420,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration_images=size.calibration_images,
     )
 
+    connect(cfgs[keys[0]])  # one Ray session for every arm (also when only evaluations are left)
     rows = []
     for key in keys:
         console.rule(f"[bold]{METHODS[key].label}[/bold] ({key})")
