@@ -84,14 +84,15 @@ class Size:
 
 
 SIZES: dict[str, Size] = {
-    # 100 digits, 4 rounds x 4 shards x 250 steps = 4,000 steps of batch 64 (2,560 epochs of the set).
-    # Calibrated: plain training memorizes 40% of 200 generations (EMA weights; 37% raw) after
-    # 4,000 steps but only 4.5% after 2,000, so this is the smallest budget with a clear baseline.
+    # 100 digits, 4 rounds x 4 shards x 188 steps = 3,008 steps of batch 64 (1,925 epochs of the set).
+    # Calibrated with plain training on this set: 4.5-6.6% memorized after 2,000 steps, 29% after
+    # 3,000, 40-44% after 4,000 (EMA weights, 200-256 samples). 3,000 is the budget where the
+    # baseline clearly memorizes (>= 20%) and four arms fit in 30 minutes on 2 cores.
     "cpu": Size(
         preset="demo",
         overrides=("data.limit=100", "train.rounds=4", "train.batch_size=64"),
         shards=4,
-        steps_per_shard_round=250,
+        steps_per_shard_round=188,
         cpus=2.0,
         gpus=0.0,
         num_samples=256,
