@@ -22,9 +22,12 @@ import torch
 
 from .aggregate import StreamingAverage, shard_weights
 from .checkpoint import RunDir
+from .conditioning import cache_meta, load_empty, load_latents, load_text
 from .config import config_from_json
 from .data import load_rows
 from .proxy import Proxy, ShardData, resolve_device
+from .text import TextCond
+from .unet import latent_shape
 
 
 @ray.remote
@@ -41,7 +44,8 @@ class ShardActor:
         self.device = resolve_device(self.cfg)
         self.proxy: Proxy | None = None
         self.state_round: int | None = None  # the committed round whose end-state the proxy holds
-        self._cache: dict[int, tuple[np.ndarray, int]] = {}  # id -> (image, label)
+        self._cache: dict[int, tuple[np.ndarray, int, Any]] = {}  # id -> (image or latent, label, text row)
+        self._cache_uris: dict[str, str | None] | None = None
 
     def ping(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "device": str(self.device), "shard": self.shard_id}
@@ -64,19 +68,37 @@ class ShardActor:
         if len(ids) == 0:
             raise RuntimeError(f"shard {self.shard_id} has no samples after round {committed}")
         missing = np.array([i for i in ids.tolist() if i not in self._cache], dtype=np.int64)
+        caches = self._caches()
         if len(missing):
             got_ids, images, labels = load_rows(
                 self.data_uri, missing, self.cfg.data.image_size, self.cfg.data.channels
             )
+            if caches.get("latent"):
+                images = load_latents(caches["latent"], got_ids, latent_shape(self.cfg)).numpy()
+            text = load_text(caches["text"], got_ids) if caches.get("text") else None
             for j, sid in enumerate(got_ids.tolist()):
-                self._cache[sid] = (images[j], int(labels[j]) if labels is not None else -1)
+                row_text = (text.states[j], text.mask[j]) if text is not None else None
+                self._cache[sid] = (images[j], int(labels[j]) if labels is not None else -1, row_text)
         keep = set(ids.tolist())
         for sid in [s for s in self._cache if s not in keep]:
             del self._cache[sid]
-        images = torch.from_numpy(np.stack([self._cache[i][0] for i in ids.tolist()]))
-        labels_np = np.array([self._cache[i][1] for i in ids.tolist()], dtype=np.int64)
+        rows = [self._cache[i] for i in ids.tolist()]
+        images = torch.from_numpy(np.stack([r[0] for r in rows]))
+        labels_np = np.array([r[1] for r in rows], dtype=np.int64)
         labels = torch.from_numpy(labels_np).to(self.device) if (labels_np >= 0).all() else None
-        return ShardData(ids=ids.astype(np.int64), images=images.to(self.device), labels=labels)
+        data = ShardData(ids=ids.astype(np.int64), images=images.to(self.device), labels=labels)
+        if caches.get("text"):
+            data.text = TextCond(torch.stack([r[2][0] for r in rows]), torch.stack([r[2][1] for r in rows]))
+            data.text = data.text.to(self.device)
+            data.empty_text = load_empty(caches["text"]).to(self.device)
+            data.text_mask = cache_meta(caches["text"]).get("encoder_kind") != "clip"
+        return data
+
+    def _caches(self) -> dict[str, str | None]:
+        """URIs of the condition caches the run was created with (manifest), read once."""
+        if self._cache_uris is None:
+            self._cache_uris = (self.run.manifest() or {}).get("caches") or {}
+        return self._cache_uris
 
     @ray.method(num_returns=2)
     def train_round(self, round_id: int, global_weights: tuple[dict, dict | None] | None) -> tuple[dict, dict]:

@@ -56,12 +56,21 @@ def choose_ops(batch: int, num_ops: int, gen: torch.Generator, device: torch.dev
 
 
 def augment(
-    x: torch.Tensor, magnitude: torch.Tensor, gen: torch.Generator, num_ops: int = 2, ops: torch.Tensor | None = None
+    x: torch.Tensor,
+    magnitude: torch.Tensor,
+    gen: torch.Generator,
+    num_ops: int = 2,
+    ops: torch.Tensor | None = None,
+    clamp: bool = True,
 ) -> torch.Tensor:
     """Augment images ``x`` (B, C, H, W, values in [-1, 1]) at per-sample ``magnitude`` in [0, 1].
 
     A sample with magnitude 0 comes back unchanged. Output stays in [-1, 1] and keeps the shape.
     ``ops`` may force the (B, 7) op mask (tests); otherwise it is drawn from ``gen``.
+    ``clamp=False`` for VAE latents, which are not bounded: the same ops then act on the
+    latent grid (geometric ops commute closely with the VAE; brightness/contrast shift and
+    scale latent channels; cutout zeroes a latent patch). Decoding to pixels and re-encoding
+    per step would cost two VAE passes per augmented sample.
     """
     if x.dim() != 4:
         raise ValueError(f"augment expects (B, C, H, W), got shape {tuple(x.shape)}")
@@ -104,4 +113,4 @@ def augment(
     half = (side / 2).view(b, 1, 1)
     hole = ((ys - cy.view(b, 1, 1)).abs() < half) & ((xs - cx.view(b, 1, 1)).abs() < half)
     out = torch.where(hole.unsqueeze(1), torch.zeros_like(out), out)
-    return out.clamp(-1.0, 1.0)
+    return out.clamp(-1.0, 1.0) if clamp else out

@@ -170,16 +170,29 @@ class RunDir:
         raw: StateDict,
         ema: StateDict | None,
         info: dict[str, Any],
+        model_cfg: dict[str, Any] | None = None,
     ) -> None:
-        """Write RUN/served as a DDPMPipeline directory (EMA weights when present; raw beside)."""
-        from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+        """Write RUN/served as a pipeline directory (EMA weights when present; raw UNet beside).
+
+        Unconditional / class-conditional models: a DDPMPipeline. Text-conditional ones
+        (``model_cfg`` given, the run's ``model`` section): a StableDiffusionPipeline for
+        fine-tuned SD-style pipelines, else memshard's text-to-image pipeline.
+        """
+        from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
         tmp = tempfile.mkdtemp(prefix="memshard-served-")
         try:
-            unet = UNet2DModel(**unet_config)
-            unet.load_state_dict(ema if ema is not None else raw)
-            pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler_config))
-            pipe.save_pretrained(tmp, safe_serialization=True)
+            if model_cfg is not None and model_cfg.get("text_conditional"):
+                from .pipeline import write_served_t2i
+
+                unet = UNet2DConditionModel(**unet_config)
+                unet.load_state_dict(ema if ema is not None else raw)
+                write_served_t2i(tmp, unet, scheduler_config, model_cfg)
+            else:
+                unet = UNet2DModel(**unet_config)
+                unet.load_state_dict(ema if ema is not None else raw)
+                pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(scheduler_config))
+                pipe.save_pretrained(tmp, safe_serialization=True)
             if ema is not None:
                 unet.load_state_dict(raw)
                 unet.save_pretrained(os.path.join(tmp, "unet_raw"), safe_serialization=True)

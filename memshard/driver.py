@@ -31,6 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .actors import ShardActor, aggregate_round
 from .checkpoint import RunDir, table_bytes
+from .conditioning import build_caches
 from .config import MemshardConfig, build_config
 from .coordinator import Coordinator
 from .data import prepare
@@ -137,6 +138,7 @@ def _create_run(
     if ingested.bad:
         ids = np.array([i for i, _ in ingested.bad], dtype=np.int64)
         run.store.write_bytes("bad_rows.parquet", table_bytes({"id": ids, "reason": [r for _, r in ingested.bad]}))
+    caches = build_caches(cfg, data_uri, ingested.ids, use_ray=True)
     sizes = ray.get(coordinator.initial_assignment.remote(ingested.ids, ingested.labels, cfg.shards.policy, cfg.seed))
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg)
@@ -148,6 +150,7 @@ def _create_run(
         "num_samples": len(ingested.ids),
         "bad_rows": len(ingested.bad),
         "initial_shard_sizes": sizes,
+        "caches": caches.as_dict(),
         "rounds_completed": 0,
         "rounds": [],
         "created": time.time(),
@@ -161,7 +164,8 @@ def _publish_served(
     run_uri: str, weights: tuple[dict, dict | None], unet_cfg: dict, sched_cfg: dict, info: dict
 ) -> None:
     raw, ema = weights
-    RunDir(run_uri).publish_served(unet_cfg, sched_cfg, raw, ema, info)
+    model_cfg = info.get("model")
+    RunDir(run_uri).publish_served(unet_cfg, sched_cfg, raw, ema, info, model_cfg=model_cfg)
 
 
 def train(
@@ -216,6 +220,10 @@ def train(
     committed = int(manifest["rounds_completed"])
     unet_cfg = unet_config(cfg)
     sched_cfg = dict(build_scheduler(cfg).config)
+    model_info = cfg.model.model_dump(mode="json")
+
+    def info_of(r: int) -> dict[str, Any]:
+        return {"round": r, "run": run_uri, "model": model_info}
     k = cfg.shards.count
 
     bundle = {r: v for r, v in need.items() if v > 0} or {"CPU": 0.001}
@@ -242,7 +250,7 @@ def train(
         global_ref = ray.put(run.load_weights(committed))
         if resume and committed > 0:
             ray.get(
-                _publish_served.remote(run_uri, global_ref, unet_cfg, sched_cfg, {"round": committed, "run": run_uri})
+                _publish_served.remote(run_uri, global_ref, unet_cfg, sched_cfg, info_of(committed))
             )
         if committed >= cfg.train.rounds:
             console.print(f"run {run_uri} already has {committed} committed round(s); nothing to do")
@@ -270,7 +278,7 @@ def train(
                 manifest["rounds"].append(summary)
                 manifest["rounds_completed"] = r
                 run.write_manifest(manifest)  # the commit point of round r
-                ray.get(_publish_served.remote(run_uri, agg_ref, unet_cfg, sched_cfg, {"round": r, "run": run_uri}))
+                ray.get(_publish_served.remote(run_uri, agg_ref, unet_cfg, sched_cfg, info_of(r)))
                 progress.round_done(summary)
                 sizes = summary["shard_sizes"]
                 global_ref = agg_ref

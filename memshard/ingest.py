@@ -47,6 +47,8 @@ def ingest(cfg: MemshardConfig, uri: str, use_ray: bool = True) -> Ingested:
     info = inspect_dataset(uri)
     if cfg.model.class_conditional and not info.has_label:
         raise DataError(f"dataset {uri}: model.class_conditional needs a 'label' column")
+    if cfg.model.text_conditional and not info.has_caption:
+        raise DataError(f"dataset {uri}: model.text_conditional needs a 'caption' column")
     if cfg.shards.policy == "stratified" and not info.has_label:
         raise DataError(f"dataset {uri}: shards.policy=stratified needs a 'label' column")
     d = cfg.data

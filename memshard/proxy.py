@@ -23,6 +23,7 @@ import torch
 
 from . import augment, skip
 from .config import MemshardConfig, TAAConfig
+from .text import TextCond
 from .unet import build_scheduler, build_unet
 
 StateDict = dict[str, torch.Tensor]
@@ -36,14 +37,42 @@ def round_seed(seed: int, round_id: int, shard_id: int) -> int:
 
 @dataclass
 class ShardData:
-    """A shard's decoded images, resident on the proxy's device (uint8 to save memory)."""
+    """A shard's training rows, resident on the proxy's device.
+
+    ``images`` are uint8 pixels (N, C, H, W), or float VAE latents (already scaled) for
+    latent models. Text-conditional models carry the cached caption states (float16 to
+    save memory) and the empty prompt's states that caption dropout substitutes.
+    """
 
     ids: np.ndarray  # int64, (N,)
-    images: torch.Tensor  # uint8, (N, C, H, W)
+    images: torch.Tensor  # uint8 (N, C, H, W) pixels, or float latents
     labels: torch.Tensor | None  # int64, (N,)
+    text: TextCond | None = None  # (N, L, D) caption token states + masks
+    empty_text: TextCond | None = None  # (1, L, D): the empty prompt
+    text_mask: bool = True  # pass the attention mask to the UNet (BERT-style encoders; SD's CLIP: no)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def latent(self) -> bool:
+        return self.images.dtype != torch.uint8
+
+    def x0(self, idx: torch.Tensor) -> torch.Tensor:
+        """Training targets in model space: pixels mapped to [-1, 1], or latents as cached."""
+        if self.latent:
+            return self.images[idx].float()
+        return self.images[idx].float().div_(127.5).sub_(1.0)
+
+
+Cond = torch.Tensor | TextCond | None  # class labels, caption states, or nothing
+
+
+def select(cond: Cond, sel: torch.Tensor) -> Cond:
+    """Rows ``sel`` of a conditioning (whatever its kind)."""
+    if cond is None:
+        return None
+    return cond.index(sel) if isinstance(cond, TextCond) else cond[sel]
 
 
 @dataclass
@@ -298,17 +327,21 @@ class Proxy:
         while i < steps:
             idx = order[regular]
             regular += 1
-            x0 = data.images[idx].float().div_(127.5).sub_(1.0)
-            labels = data.labels[idx] if (data.labels is not None and cfg.model.class_conditional) else None
+            x0 = data.x0(idx)
+            cond = self._cond(data, idx, gen)
             t = torch.randint(0, T, (idx.numel(),), generator=gen, device=self.device)
             noise = torch.randn(x0.shape, generator=gen, device=self.device)
             if taa is not None and taa.mode == "inline":
                 s_prev = last_strength[idx]
                 x0 = augment.augment(
-                    x0, augment.magnitudes(s_prev, taa.max_magnitude, taa.per_sample), aug_gen, taa.num_ops
+                    x0,
+                    augment.magnitudes(s_prev, taa.max_magnitude, taa.per_sample),
+                    aug_gen,
+                    taa.num_ops,
+                    clamp=not data.latent,
                 )
                 augmented.index_add_(0, idx, (s_prev > 0).to(torch.int64))
-            per, keep, ratio, bank_before = self._step(x0, noise, t, labels, self.lr_at(self.step, warmup))
+            per, keep, ratio, bank_before = self._step(x0, noise, t, cond, self.lr_at(self.step, warmup))
             visits.index_add_(0, idx, torch.ones_like(idx))
             skips.index_add_(0, idx, (~keep).to(torch.int64))
             loss_sum.index_add_(0, idx, per.double())
@@ -376,9 +409,33 @@ class Proxy:
         target = noise if self.cfg.model.prediction_type == "epsilon" else a * noise - b * x0
         return xt, target
 
-    def _forward(self, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def _cond(self, data: ShardData, idx: torch.Tensor, gen: torch.Generator) -> Cond:
+        """The conditioning of batch ``idx``; captions dropped to the empty prompt at ``caption_dropout``.
+
+        The dropout draw comes from the round's generator only for text models, so the
+        random streams of unconditional and class-conditional runs are unchanged.
+        """
+        if data.text is not None and self.cfg.model.text_conditional:
+            cond = data.text.index(idx)
+            p = self.cfg.model.caption_dropout
+            if p > 0 and data.empty_text is not None:
+                drop = torch.rand(idx.numel(), generator=gen, device=self.device) < p
+                empty = data.empty_text.to(self.device)
+                states = torch.where(drop.view(-1, 1, 1), empty.states.to(cond.states.dtype), cond.states)
+                mask = torch.where(drop.view(-1, 1), empty.mask, cond.mask)
+                cond = TextCond(states, mask)
+            return cond if data.text_mask else TextCond(cond.states, torch.ones_like(cond.mask))
+        if data.labels is not None and self.cfg.model.class_conditional:
+            return data.labels[idx]
+        return None
+
+    def _forward(self, xt: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            return self.unet(xt, t, class_labels=labels).sample
+            if isinstance(cond, TextCond):
+                states = cond.states.to(xt.dtype)
+                mask = None if bool(cond.mask.all()) else cond.mask
+                return self.unet(xt, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+            return self.unet(xt, t, class_labels=cond).sample
 
     def _optimizer_step(self, loss: torch.Tensor | None, lr: float) -> None:
         """Backward ``loss`` (None: every sample was skipped, zero gradients) and step.
@@ -408,7 +465,7 @@ class Proxy:
             self._update_ema()
 
     def _step(
-        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, lr: float
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: Cond, lr: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step with the AGC rule.
 
@@ -423,15 +480,14 @@ class Proxy:
         bank_before = self.bank
         if cfg.agc.enabled and cfg.agc.decide_before_backward:
             with torch.no_grad():
-                per = skip.per_sample_loss(self._forward(xt, t, labels), target)
+                per = skip.per_sample_loss(self._forward(xt, t, cond), target)
             keep = skip.keep_mask(per, self.bank, t, cfg.agc.ratio)
             loss = None
             if bool(keep.any()):
                 sel = keep.nonzero().squeeze(1)
-                lab = labels[sel] if labels is not None else None
-                loss = skip.per_sample_loss(self._forward(xt[sel], t[sel], lab), target[sel]).mean()
+                loss = skip.per_sample_loss(self._forward(xt[sel], t[sel], select(cond, sel)), target[sel]).mean()
         else:
-            per_g = skip.per_sample_loss(self._forward(xt, t, labels), target)
+            per_g = skip.per_sample_loss(self._forward(xt, t, cond), target)
             per = per_g.detach()
             keep = (
                 skip.keep_mask(per, self.bank, t, cfg.agc.ratio)
@@ -461,14 +517,19 @@ class Proxy:
         Plain diffusion loss (no skipping, no bank update): these samples were kept moments
         ago, and feeding augmented losses into the bank would bias the skip threshold.
         """
-        x0 = data.images[idx].float().div_(127.5).sub_(1.0)
-        x0 = augment.augment(x0, augment.magnitudes(strengths, taa.max_magnitude, taa.per_sample), aug_gen, taa.num_ops)
-        labels = data.labels[idx] if (data.labels is not None and self.cfg.model.class_conditional) else None
+        x0 = augment.augment(
+            data.x0(idx),
+            augment.magnitudes(strengths, taa.max_magnitude, taa.per_sample),
+            aug_gen,
+            taa.num_ops,
+            clamp=not data.latent,
+        )
+        cond = self._cond(data, idx, gen)
         t = torch.randint(0, self.cfg.model.num_train_timesteps, (idx.numel(),), generator=gen, device=self.device)
         noise = torch.randn(x0.shape, generator=gen, device=self.device)
         xt, target = self._targets(x0, noise, t)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = skip.per_sample_loss(self._forward(xt, t, labels), target).mean()
+        loss = skip.per_sample_loss(self._forward(xt, t, cond), target).mean()
         self._optimizer_step(loss, self.lr_at(self.step, warmup))
 
     @torch.no_grad()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from .config import MemshardConfig
 
@@ -46,8 +46,72 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Text-conditional (UNet2DConditionModel) counterparts: cross-attention in the attention
+# blocks; cross_attention_dim always follows the text encoder.
+COND_UNET_PRESETS: dict[str, dict[str, Any]] = {
+    # ~1.3M parameters with a 384-dim (MiniLM) context: the demo-t2i model, minutes on 2 CPU cores.
+    "tiny": {
+        "layers_per_block": 1,
+        "block_out_channels": (32, 64, 64),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 16,
+        "attention_head_dim": 8,
+    },
+    "small": {
+        "layers_per_block": 2,
+        "block_out_channels": (64, 128, 256),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 32,
+        "attention_head_dim": 8,
+    },
+}
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+
+def text_dim(cfg: MemshardConfig) -> int:
+    """Hidden size of the configured text encoder, read from its config (no weights loaded)."""
+    name = cfg.model.pipeline if cfg.model.text_encoder == "pipeline" else cfg.model.text_encoder
+    if name == "minilm":
+        from .text import minilm_dir
+
+        path = minilm_dir() / "config.json"
+    else:
+        base = Path(name)
+        path = base / "text_encoder" / "config.json" if (base / "text_encoder").is_dir() else base / "config.json"
+    if not path.is_file():
+        raise ValueError(f"model.text_encoder {name!r}: no config.json at {path}")
+    conf = _json(path)
+    return int(conf.get("hidden_size") or conf["text_config"]["hidden_size"])
+
+
+def latent_shape(cfg: MemshardConfig) -> tuple[int, int, int] | None:
+    """(channels, h, w) of the VAE latents of a latent pipeline, else None (pixel space)."""
+    if cfg.model.pipeline is None:
+        return None
+    vae_cfg = Path(cfg.model.pipeline) / "vae" / "config.json"
+    if not vae_cfg.is_file():
+        return None
+    conf = _json(vae_cfg)
+    factor = 2 ** (len(conf.get("block_out_channels", [0])) - 1)
+    if cfg.data.image_size % factor:
+        raise ValueError(f"data.image_size {cfg.data.image_size} is not a multiple of the VAE's factor {factor}")
+    side = cfg.data.image_size // factor
+    return int(conf.get("latent_channels", 4)), side, side
+
+
+def unet_class(cfg: MemshardConfig) -> type:
+    return UNet2DConditionModel if cfg.model.text_conditional else UNet2DModel
+
+
 def unet_config(cfg: MemshardConfig) -> dict[str, Any]:
-    """The UNet2DModel config dict for this run (preset or file, then overrides, then data shape)."""
+    """The UNet config dict for this run (preset, file or pipeline, then overrides, then data shape)."""
+    if cfg.model.text_conditional:
+        return _cond_unet_config(cfg)
     preset = cfg.model.preset
     if preset in UNET_PRESETS:
         base = dict(UNET_PRESETS[preset])
@@ -71,8 +135,54 @@ def unet_config(cfg: MemshardConfig) -> dict[str, Any]:
     return base
 
 
-def build_unet(cfg: MemshardConfig) -> UNet2DModel:
+def _cond_unet_config(cfg: MemshardConfig) -> dict[str, Any]:
+    if cfg.model.pipeline is not None:
+        path = Path(cfg.model.pipeline) / "unet" / "config.json"
+        if not path.is_file():
+            raise ValueError(f"model.pipeline {cfg.model.pipeline}: no unet/config.json (not a diffusers pipeline?)")
+        base = _json(path)
+    elif cfg.model.preset in COND_UNET_PRESETS:
+        base = dict(COND_UNET_PRESETS[cfg.model.preset])
+    else:
+        path = Path(cfg.model.preset)
+        cfg_file = path / "config.json" if path.is_dir() else path
+        if not cfg_file.is_file():
+            raise ValueError(
+                f"model.preset {cfg.model.preset!r} is neither a built-in text-conditional preset "
+                f"({', '.join(COND_UNET_PRESETS)}) nor a UNet2DConditionModel config.json / model directory"
+            )
+        base = _json(cfg_file)
+    base.update(cfg.model.overrides)
+    shape = latent_shape(cfg)
+    channels, side = (shape[0], shape[1]) if shape is not None else (cfg.data.channels, cfg.data.image_size)
+    dim = text_dim(cfg)
+    if cfg.model.pipeline is not None and base.get("cross_attention_dim") not in (None, dim):
+        raise ValueError(
+            f"model.pipeline UNet has cross_attention_dim={base.get('cross_attention_dim')} but the text encoder "
+            f"gives {dim}-dim states (model.text_encoder)"
+        )
+    base.update(sample_size=side, in_channels=channels, out_channels=channels, cross_attention_dim=dim)
+    return base
+
+
+def build_unet(cfg: MemshardConfig) -> UNet2DModel | UNet2DConditionModel:
     """A fresh UNet (seeded by the caller); loads pretrained weights if preset is a model dir."""
+    if cfg.model.text_conditional:
+        config = unet_config(cfg)
+        source = Path(cfg.model.pipeline) / "unet" if cfg.model.pipeline is not None else Path(cfg.model.preset)
+        if source.is_dir() and any(source.glob("*.safetensors")):
+            unet = UNet2DConditionModel.from_pretrained(str(source), low_cpu_mem_usage=False)
+            for key in ("in_channels", "out_channels", "cross_attention_dim"):
+                if unet.config.get(key) != config.get(key):
+                    raise ValueError(
+                        f"pretrained UNet {source} has {key}={unet.config.get(key)} but the config needs "
+                        f"{config.get(key)} (data / VAE / text encoder)"
+                    )
+            return unet
+        try:
+            return UNet2DConditionModel(**config)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"model config not accepted by UNet2DConditionModel: {exc}") from None
     config = unet_config(cfg)
     path = Path(cfg.model.preset)
     if path.is_dir() and any(path.glob("*.safetensors")):
@@ -92,6 +202,17 @@ def build_unet(cfg: MemshardConfig) -> UNet2DModel:
 
 
 def build_scheduler(cfg: MemshardConfig) -> DDPMScheduler:
+    """The training noise schedule: the fine-tuned pipeline's own when there is one, else from ``model``."""
+    if cfg.model.pipeline is not None:
+        path = Path(cfg.model.pipeline) / "scheduler" / "scheduler_config.json"
+        if path.is_file():
+            conf = _json(path)
+            for key in ("num_train_timesteps", "prediction_type"):
+                if key in conf and conf[key] != getattr(cfg.model, key):
+                    raise ValueError(
+                        f"model.{key}={getattr(cfg.model, key)!r} but the pipeline's scheduler has {conf[key]!r}"
+                    )
+            return DDPMScheduler.from_config(conf)
     return DDPMScheduler(
         num_train_timesteps=cfg.model.num_train_timesteps,
         beta_schedule=cfg.model.beta_schedule,

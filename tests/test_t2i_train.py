@@ -1,0 +1,169 @@
+"""Text-conditional IET-AGC(+) training on a real local Ray cluster: caches, served pipelines."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from memshard.config import ConfigError, load_config
+from memshard.data import DataError
+from memshard.proxy import Proxy, ShardData
+from memshard.text import TextCond
+from tests.conftest import TINY
+from tests.t2i_data import write_captioned_parquet
+
+pytestmark = pytest.mark.ray
+
+
+def t2i_config(data: str, extra: dict | None = None) -> dict:
+    raw = {
+        "data": {"path": data, "image_size": 16, "channels": 3},
+        "model": {"preset": "tiny", "text_conditional": True, "max_text_length": 12},
+        "method": "iet-agc-plus",
+        "shards": {"count": 2},
+    }
+    for key, value in (extra or {}).items():
+        raw.setdefault(key, {}).update(value) if isinstance(value, dict) else raw.__setitem__(key, value)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def t2i_run(ray_cluster, tmp_path_factory):
+    from memshard.driver import train
+
+    root = tmp_path_factory.mktemp("t2i")
+    data = write_captioned_parquet(str(root / "shapes.parquet"), 24)
+    cfg = load_config(t2i_config(data), [o for o in TINY if not o.startswith("data.limit")])
+    out = train(cfg, out=str(root / "run"))
+    assert out.complete
+    return root, data, out
+
+
+def test_caption_cache_built_once_and_reused(t2i_run, ray_cluster):
+    from memshard.conditioning import build_caches, load_text
+    from memshard.text import load_text_encoder
+
+    _root, data, out = t2i_run
+    caches = out.manifest["caches"]
+    assert caches["text"] is not None and caches["latent"] is None
+    assert caches["text"].startswith(data + ".memshard-cache")
+    meta_path = os.path.join(caches["text"], "cache.json")
+    before = os.stat(meta_path).st_mtime_ns
+    cfg = load_config(t2i_config(data), [o for o in TINY if not o.startswith("data.limit")])
+    again = build_caches(cfg, data, np.arange(24), use_ray=True)
+    assert again.text == caches["text"]
+    assert os.stat(meta_path).st_mtime_ns == before  # reused, not recomputed
+    # the cached states are the encoder's output for those captions (float16-rounded)
+    got = load_text(caches["text"], np.array([5, 0]))
+    enc = load_text_encoder("minilm", 12)
+    from memshard.data import load_captions
+
+    want = enc.encode(load_captions(data, np.array([5, 0])))
+    assert load_captions(data, np.array([5]))[0].endswith("number 5")
+    assert torch.equal(got.mask, want.mask)
+    assert torch.allclose(got.states.float(), want.states, atol=2e-3)
+
+
+def test_served_t2i_pipeline_loads_and_samples(t2i_run):
+    from memshard.pipeline import MemshardTextToImagePipeline
+
+    _, _, out = t2i_run
+    served = os.path.join(out.run_uri, "served")
+    index = json.loads(open(os.path.join(served, "model_index.json")).read())
+    assert index["_class_name"] == "MemshardTextToImagePipeline"
+    pipe = MemshardTextToImagePipeline.from_pretrained(served)
+    cond = pipe.encode_prompts(["a red square", ""])
+    assert cond.states.shape == (2, 12, 384)
+    x = torch.randn(2, 3, 16, 16)
+    eps = pipe.eps(x, torch.tensor([10, 10]), cond)
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
+
+
+def test_caption_dropout_uses_the_empty_prompt():
+    cfg = load_config(
+        {
+            "data": {"source": "digits", "image_size": 8, "channels": 3},
+            "model": {"preset": "tiny", "text_conditional": True, "caption_dropout": 0.5},
+        }
+    )
+    proxy = Proxy(cfg, 0, torch.device("cpu"))
+    n, length, dim = 64, 4, 384
+    text = TextCond(torch.ones(n, length, dim), torch.ones(n, length, dtype=torch.bool))
+    empty = TextCond(torch.zeros(1, length, dim), torch.tensor([[True, False, False, False]]))
+    data = ShardData(
+        ids=np.arange(n), images=torch.zeros(n, 3, 8, 8, dtype=torch.uint8), labels=None, text=text, empty_text=empty
+    )
+    cond = proxy._cond(data, torch.arange(n), torch.Generator().manual_seed(0))
+    dropped = cond.states.abs().sum((1, 2)) == 0
+    assert 10 < int(dropped.sum()) < 54  # about half, drawn per sample
+    assert (cond.mask[dropped].sum(1) == 1).all() and (cond.mask[~dropped].sum(1) == length).all()
+    cond2 = proxy._cond(data, torch.arange(n), torch.Generator().manual_seed(0))
+    assert torch.equal(cond.states, cond2.states)  # seeded
+
+
+def test_text_model_needs_a_caption_column(ray_cluster, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from memshard.driver import train
+
+    path = write_captioned_parquet(str(tmp_path / "c.parquet"), 8)
+    table = pq.read_table(path).drop(["caption"])
+    pq.write_table(table, str(tmp_path / "nocap.parquet"))
+    cfg = load_config(t2i_config(str(tmp_path / "nocap.parquet")), [o for o in TINY if not o.startswith("data.limit")])
+    with pytest.raises(DataError, match="caption"):
+        train(cfg, out=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    del pa
+
+
+def test_text_config_cross_checks():
+    with pytest.raises(ConfigError, match="exclusive"):
+        load_config(t2i_config("x.parquet", {"model": {"class_conditional": True}, "data": {"num_classes": 3}}))
+    with pytest.raises(ConfigError, match=r"model\.pipeline"):
+        load_config(t2i_config("x.parquet", {"model": {"text_encoder": "pipeline"}}))
+
+
+def test_sd_pipeline_fine_tune_serves_a_stable_diffusion_pipeline(ray_cluster, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from memshard.driver import train
+    from memshard.tiny_pipeline import write_tiny_sd_pipeline
+
+    sd = write_tiny_sd_pipeline(str(tmp_path / "tinysd"), image_size=32)
+    data = write_captioned_parquet(str(tmp_path / "shapes32.parquet"), 12, size=32)
+    cfg = load_config(
+        "sd-finetune",
+        [
+            f"model.pipeline={sd}",
+            f"data.path={data}",
+            "data.image_size=32",
+            "model.max_text_length=32",
+            "shards.count=2",
+            "train.rounds=1",
+            "train.steps_per_round=2",
+            "train.batch_size=4",
+            "train.lr=1e-3",
+            "resources.cpus_per_shard=0.5",
+            "logging.progress=false",
+        ],
+    )
+    out = train(cfg, out=str(tmp_path / "run"))
+    assert out.complete and out.manifest["caches"]["latent"] is not None
+    served = os.path.join(out.run_uri, "served")
+    pipe = StableDiffusionPipeline.from_pretrained(served, safety_checker=None)
+    img = pipe("a red square", num_inference_steps=2, output_type="np", height=32, width=32).images
+    assert img.shape == (1, 32, 32, 3)
+    # only the UNet was trained: VAE and text encoder are the source pipeline's, bit for bit
+    for part, name in (("vae", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        a = load_file(os.path.join(sd, part, name))
+        b = load_file(os.path.join(served, part, name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ua = load_file(os.path.join(sd, "unet", "diffusion_pytorch_model.safetensors"))
+    ub = load_file(os.path.join(served, "unet", "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(ua[k], ub[k]) for k in ua)
