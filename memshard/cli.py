@@ -4,6 +4,7 @@
     memshard config show CONFIG [--set ...]
     memshard prepare SOURCE --out DATA.parquet [--size N] [--channels 1|3] [--limit N]
     memshard sample RUN [--num 64] [--steps 50] [--weights ema|raw] [--out grid.png]
+    memshard sample RUN --prompt TEXT|--prompts-file F [--prss|--no-prss] [--lambda-ss X] [--out DIR]
     memshard compare CONFIG [--set ...] [--out DIR]   (method vs plain training, same steps)
     memshard evaluate RUN [--num 256] [--steps 50] [--weights ema|raw] [--name default]
     memshard report RUN   (per-round table; skip-rate, skip-count and migration plots)
@@ -20,6 +21,9 @@ import os
 import sys
 
 from .config import ConfigError, MemshardConfig, load_config, preset_names
+
+# The baselines of memshard.mitigations (kept here so `--help` needs no torch import).
+MITIGATION_NAMES = ("none", "random_token", "random_number", "repeat_words", "gaussian_noise", "wen")
 
 
 def _config(args: argparse.Namespace) -> MemshardConfig:
@@ -55,10 +59,78 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_t2i(run: str) -> bool:
+    import json
+
+    from .storage import Storage
+
+    store = Storage(run)
+    if not store.exists("served/model_index.json"):
+        raise FileNotFoundError(f"{run}: no served model (RUN/served/model_index.json missing)")
+    return json.loads(store.read_text("served/model_index.json")).get("_class_name") != "DDPMPipeline"
+
+
+def cmd_sample_t2i(args: argparse.Namespace) -> int:
+    from .checkpoint import RunDir
+    from .config import build_config
+    from .t2i import SampleRequest, read_prompts, sample_run
+
+    manifest = RunDir(args.run).manifest()
+    prss = build_config(manifest["config"]).prss if manifest else None
+    if prss is None:
+        from .config import PRSSConfig
+
+        prss = PRSSConfig()
+    updates = {
+        "enabled": args.prss,
+        "lambda_ss": args.lambda_ss,
+        "lambda_pr": args.lambda_pr,
+        "tau": args.tau,
+        "mode": args.mode,
+        "guidance_scale": args.guidance_scale,
+        "candidates": args.candidates,
+        "bank": args.bank,
+        "num_candidates": args.num_candidates,
+    }
+    try:
+        prss = prss.model_validate({**prss.model_dump(), **{k: v for k, v in updates.items() if v is not None}})
+    except Exception as exc:
+        raise ConfigError(f"PRSS options: {exc}") from None
+    prompts, cand_lists = list(args.prompt or []), None
+    if args.prompts_file:
+        file_prompts, cand_lists = read_prompts(args.prompts_file)
+        if args.prompt and cand_lists is not None:
+            raise ConfigError("--prompt cannot be combined with a --prompts-file that has a candidates column")
+        prompts += file_prompts
+    req = SampleRequest(
+        prompts=prompts,
+        num_per_prompt=args.num_per_prompt,
+        steps=args.steps,
+        seed=args.seed,
+        prss=prss,
+        candidate_lists=cand_lists,
+        mitigation=args.mitigation,
+        weights=args.weights,
+    )
+    out = args.out or "samples"
+    try:
+        reports = sample_run(args.run, req, out)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    trig = sum(r.get("triggered", False) for r in reports)
+    print(f"wrote {len(reports)} images to {out}/images, {out}/grid.png and {out}/report.jsonl ({trig} triggered PRSS)")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from .sampling import ddim_sample, grid, load_served_unet, to_uint8
+
+    if _is_t2i(args.run):
+        return cmd_sample_t2i(args)
+    if args.prompt or args.prompts_file:
+        raise ConfigError(f"{args.run} serves an unconditional/class-conditional model: it takes no prompts")
 
     unet, sched, info = load_served_unet(args.run, args.weights)
     labels = None
@@ -173,7 +245,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--label", type=int, help="class label for every sample (class-conditional models)")
     s.add_argument("--scale", type=int, default=4, help="pixel upscaling of the grid")
-    s.add_argument("--out", help="output PNG (default samples.png)")
+    s.add_argument("--out", help="output PNG (default samples.png); text-to-image: output directory (samples/)")
+    t2i = s.add_argument_group("text-to-image runs (PRSS on by default; defaults from the run's prss config)")
+    t2i.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    t2i.add_argument("--prompts-file", help="prompts: text file (one a line) or Parquet (prompt[, candidates])")
+    t2i.add_argument("--num-per-prompt", type=int, default=1)
+    t2i.add_argument("--prss", action=argparse.BooleanOptionalAction, default=None, help="PRSS on/off")
+    t2i.add_argument("--lambda-ss", type=float, help="trigger/search threshold (lower = more private)")
+    t2i.add_argument("--lambda-pr", type=float, help="per-step re-anchoring threshold")
+    t2i.add_argument("--tau", type=float, help="m_t of full re-anchoring")
+    t2i.add_argument("--mode", choices=("prss", "pr", "ss"))
+    t2i.add_argument("--guidance-scale", type=float)
+    t2i.add_argument("--candidates", choices=("perturb", "bank", "list"))
+    t2i.add_argument("--bank", help="prompt bank file for --candidates bank")
+    t2i.add_argument("--num-candidates", type=int)
+    t2i.add_argument(
+        "--mitigation",
+        choices=MITIGATION_NAMES,
+        help="a baseline instead of PRSS",
+    )
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("evaluate", help="memorization, copy similarity, FID (and class alignment) of a run")

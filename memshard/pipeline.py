@@ -78,6 +78,84 @@ class PRSSMixin:
         s = s if isinstance(s, int) else s[0]
         return c, s, s
 
+    def initial_noise(
+        self, n: int, seeds: Sequence[int] | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """x_T for ``n`` images: from per-image ``seeds`` (image i depends only on seeds[i]) or ``generator``."""
+        shape = self._latent_shape()
+        if seeds is not None:
+            if len(seeds) != n:
+                raise ValueError(f"{len(seeds)} seeds for {n} images")
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        else:
+            noise = torch.randn((n, *shape), generator=generator)
+        return noise.to(self._device)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        prss: bool = True,
+        lambda_ss: float = 1.0,
+        lambda_pr: float = 3.0,
+        tau: float = 5.0,
+        prss_mode: str = "prss",
+        candidates: Any = "perturb",
+        num_candidates: int = 25,
+        seeds: Sequence[int] | None = None,
+        mitigation: str | None = None,
+        mitigation_params: dict[str, Any] | None = None,
+        **unused: Any,
+    ) -> T2IOutput:
+        """Generate images for ``prompt`` with CFG, PRSS by default (``prss=False``: the undefended pipeline).
+
+        ``candidates``: "perturb" (rule-based paraphrases), a provider ``(prompt, n) -> list``, or
+        one list per image. ``mitigation`` instead runs a baseline (memshard.mitigations) through
+        plain CFG. ``seeds`` gives each image its own noise seed, independent of the batch.
+        ``height``/``width`` are accepted for signature compatibility and must match the model.
+        """
+        from .candidates import make_provider
+        from .mitigations import mitigate
+        from .prss import PRSSOptions, sample
+
+        for key in ("height", "width"):
+            if unused.get(key) not in (None, self._pixel_size()):
+                raise ValueError(f"{key}={unused[key]}: this model generates {self._pixel_size()}px images")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        x_T = latents.to(self._device) if latents is not None else self.initial_noise(len(prompts), seeds, generator)
+        sched = dict(self.scheduler.config)
+        if mitigation not in (None, "none"):
+            x, report = mitigate(
+                mitigation, self.eps, self.encode_prompts, sched, prompts, x_T, num_inference_steps,
+                guidance_scale=guidance_scale, seed=list(seeds) if seeds is not None else 0,
+                **(mitigation_params or {}),
+            )  # fmt: skip
+        else:
+            opts = PRSSOptions(
+                enabled=prss, mode=prss_mode, guidance_scale=guidance_scale, lambda_ss=lambda_ss,
+                lambda_pr=lambda_pr, tau=tau, num_candidates=num_candidates,
+            )  # fmt: skip
+            provider = make_provider(candidates) if isinstance(candidates, str) else candidates
+            x, report = sample(self.eps, self.encode_prompts, sched, prompts, x_T, num_inference_steps, opts, provider)
+        images = self._decode(x)
+        if output_type == "pt":
+            return T2IOutput(images, report)
+        if output_type == "np":
+            return T2IOutput(images.permute(0, 2, 3, 1).numpy(), report)
+        return T2IOutput(to_pil(images), report)
+
+    def _pixel_size(self) -> int:
+        side = self._latent_shape()[1]
+        vae = getattr(self, "vae", None)
+        return side * (2 ** (len(vae.config.block_out_channels) - 1)) if vae is not None else side
+
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         """Model space -> images in [0, 1] (N, C, H, W)."""
         vae = getattr(self, "vae", None)

@@ -49,21 +49,23 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 # Text-conditional (UNet2DConditionModel) counterparts: cross-attention in the attention
 # blocks; cross_attention_dim always follows the text encoder.
 COND_UNET_PRESETS: dict[str, dict[str, Any]] = {
-    # ~1.3M parameters with a 384-dim (MiniLM) context: the demo-t2i model, minutes on 2 CPU cores.
+    # ~0.45M parameters with a 384-dim (MiniLM) context, cross-attention at the lowest
+    # resolution only: ~7 steps/s at batch 32, 16x16 on one CPU core (the demo-t2i model).
     "tiny": {
+        "layers_per_block": 1,
+        "block_out_channels": (16, 32, 32),
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 8,
+        "attention_head_dim": 8,
+    },
+    # ~2M: cross-attention at the two lower resolutions.
+    "small": {
         "layers_per_block": 1,
         "block_out_channels": (32, 64, 64),
         "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         "norm_num_groups": 16,
-        "attention_head_dim": 8,
-    },
-    "small": {
-        "layers_per_block": 2,
-        "block_out_channels": (64, 128, 256),
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 32,
         "attention_head_dim": 8,
     },
 }
