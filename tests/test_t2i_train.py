@@ -167,3 +167,76 @@ def test_sd_pipeline_fine_tune_serves_a_stable_diffusion_pipeline(ray_cluster, t
     ua = load_file(os.path.join(sd, "unet", "diffusion_pytorch_model.safetensors"))
     ub = load_file(os.path.join(served, "unet", "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(ua[k], ub[k]) for k in ua)
+
+
+def _report(path) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def test_sample_cli_prss_report_and_untriggered_equality(t2i_run, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from memshard.cli import main
+
+    _, _, out = t2i_run
+    run = out.run_uri
+    prompts = ["a red square number 0", "a blue circle number 7"]
+    args = [a for p in prompts for a in ("--prompt", p)]
+    assert main(["sample", run, *args, "--steps", "4", "--no-prss", "--out", str(tmp_path / "plain")]) == 0
+    # a threshold nothing reaches: PRSS must not change a single pixel
+    assert main(["sample", run, *args, "--steps", "4", "--lambda-ss", "1e9", "--out", str(tmp_path / "high")]) == 0
+    # a threshold everything reaches: triggered, re-anchored, and a different image
+    low = ["--lambda-ss", "1e-6", "--lambda-pr", "1e-6", "--tau", "1e-3"]
+    assert main(["sample", run, *args, "--steps", "4", *low, "--out", str(tmp_path / "low")]) == 0
+    for i in range(2):
+        a = np.asarray(Image.open(tmp_path / "plain" / "images" / f"{i:05d}.png"))
+        b = np.asarray(Image.open(tmp_path / "high" / "images" / f"{i:05d}.png"))
+        c = np.asarray(Image.open(tmp_path / "low" / "images" / f"{i:05d}.png"))
+        assert np.array_equal(a, b) and not np.array_equal(a, c)
+    plain, high, lowr = (_report(tmp_path / d / "report.jsonl") for d in ("plain", "high", "low"))
+    for rep in (plain, high, lowr):
+        assert [r["prompt"] for r in rep] == prompts
+        assert all({"prompt", "magnitude", "triggered", "chosen_prompt", "pr_steps"} <= r.keys() for r in rep)
+    assert not any(r["triggered"] for r in high) and all(r["chosen_prompt"] == r["prompt"] for r in high)
+    assert all(r["triggered"] and r["pr_steps"] == 4 and r["chosen_prompt"] != r["prompt"] for r in lowr)
+    assert [r["magnitude"] for r in plain] == [r["magnitude"] for r in high]  # same first-step call
+    assert (tmp_path / "low" / "grid.png").is_file()
+
+    # explicit candidate lists from a Parquet prompts file: the choice comes from the list
+    table = pa.table({"prompt": prompts, "candidates": [["a red box", "red square"], ["a navy ring"]]})
+    pq.write_table(table, tmp_path / "prompts.parquet")
+    assert main(["sample", run, "--prompts-file", str(tmp_path / "prompts.parquet"), "--steps", "3", *low,
+                 "--out", str(tmp_path / "lists")]) == 0  # fmt: skip
+    reps = _report(tmp_path / "lists" / "report.jsonl")
+    assert [r["candidates_scored"] for r in reps] == [2, 1]  # exactly the given lists were searched
+    # nothing reaches 1e-6, so the lowest magnitude wins, the original included (spec)
+    assert reps[0]["chosen_prompt"] in ("a red box", "red square", prompts[0])
+    assert reps[1]["chosen_prompt"] in ("a navy ring", prompts[1])
+
+
+def test_sample_cli_refuses_bad_prompts(t2i_run, tmp_path, capsys):
+    from memshard.cli import main
+
+    _, _, out = t2i_run
+    assert main(["sample", out.run_uri, "--prompt", "  ", "--out", str(tmp_path / "x")]) == 2
+    assert "prompt 0 is empty" in capsys.readouterr().err
+    long = " ".join(["word"] * 40)  # more tokens than max_text_length=12
+    assert main(["sample", out.run_uri, "--prompt", long, "--out", str(tmp_path / "y")]) == 2
+    assert "tokens" in capsys.readouterr().err
+    assert main(["sample", out.run_uri, "--out", str(tmp_path / "z")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_baseline_mitigations_run_through_the_pipeline(t2i_run):
+    from memshard.pipeline import load_served_t2i
+
+    _, _, out = t2i_run
+    pipe = load_served_t2i(os.path.join(out.run_uri, "served"))
+    base = pipe(["a red square number 0"], num_inference_steps=3, prss=False, seeds=[3], output_type="pt").images
+    for name, params in (("random_token", {}), ("gaussian_noise", {"sigma": 0.5}), ("wen", {"target": 0.0})):
+        res = pipe(["a red square number 0"], num_inference_steps=3, seeds=[3], output_type="pt", mitigation=name,
+                   mitigation_params=params)  # fmt: skip
+        assert res.report[0]["mitigation"] == name and res.report[0]["original_prompt"] == "a red square number 0"
+        assert not torch.equal(res.images, base), name
