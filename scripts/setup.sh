@@ -13,3 +13,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 "$PY" -m pip install --quiet -e ".[dev]"
+# The emoji images (npm emoji-datasource-google, pinned and checked by sha512) are the
+# captioned demo set, and nothing may download at run time: fetch them now, once, into
+# the cache ($MEMSHARD_CACHE or ~/.cache/memshard). A no-op when already there.
+"$PY" -m memshard.data.fetch emoji

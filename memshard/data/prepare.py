@@ -1,4 +1,4 @@
-"""Converting sources (built-in data sets, image folders, numpy arrays) into the canonical Parquet.
+"""Converting sources (built-in data sets, image folders, numpy arrays, Parquet) into the canonical Parquet.
 
 All conversions (mode, resizing, cropping, value scaling) happen here, once, so the
 dataset a run reads decodes exactly to what the model expects and ``decode_image`` can
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import posixpath
 from collections.abc import Iterator
@@ -23,17 +24,20 @@ from PIL import Image, ImageOps
 
 from memshard.data.dataset import DataError
 from memshard.data.images import encode_png
-from memshard.storage import Storage, is_remote
+from memshard.storage import Storage, filesystem, is_remote
 
-BUILTIN_SOURCES = ("digits", "fashion-mnist")
+BUILTIN_SOURCES = ("digits", "fashion-mnist", "emoji")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 ROW_GROUP_SIZE = 1024
 _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _ACCEPTED = (
-    f"one of {', '.join(BUILTIN_SOURCES)}; a directory of images ({', '.join(IMAGE_SUFFIXES)}); "
-    "a .npy file of images; or a .npz file with 'images' (and optional 'labels', 'captions', 'ids')"
+    f"one of {', '.join(BUILTIN_SOURCES)}; a directory of images ({', '.join(IMAGE_SUFFIXES)}; "
+    "first-level subfolders are classes, a same-stem .txt file next to an image is its caption); "
+    "a .npy file of images; a .npz file with 'images' (and optional 'labels', 'captions', 'ids'); "
+    "or a .parquet file with an 'image' column of encoded image bytes (and optional 'caption', 'label', 'id')"
 )
+_MAX_NAMED = 5
 
 
 @dataclass
@@ -44,6 +48,9 @@ class PrepareResult:
     channels: int
     num_classes: int | None
     has_caption: bool
+    # Rows whose caption is the empty string: allowed (unconditional examples), but a user
+    # who meant every image to be captioned should see how many are not.
+    empty_captions: int = 0
 
 
 @dataclass
@@ -164,6 +171,43 @@ def _from_fashion_mnist(image_size: int | None, channels: int | None, limit: int
     )
 
 
+def _read_caption(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read caption file ({exc})") from exc
+
+
+def _folder_captions(root: str, paths: list[Path], captioned: bool, labelled: bool) -> list[str | None] | None:
+    """Captions from same-stem ``.txt`` files, or None for a folder without any.
+
+    A flat folder with caption files is an image-caption set: an image without its
+    ``.txt`` is almost always a mistake (a failed copy, a renamed file), and training on it
+    would silently add an unconditional example, so it is refused with the files named.
+    In a class-subfolder layout the label still conditions every image, so a missing
+    caption there stays an empty caption, as before.
+    """
+    if not captioned:
+        return None
+    captions: list[str | None] = []
+    missing: list[Path] = []
+    for path in paths:
+        side = path.with_suffix(".txt")
+        if side.is_file():
+            captions.append(_read_caption(side))
+        else:
+            missing.append(path)
+            captions.append("")
+    if missing and not labelled:
+        named = ", ".join(str(p.relative_to(root)) for p in missing[:_MAX_NAMED])
+        more = f" and {len(missing) - _MAX_NAMED} more" if len(missing) > _MAX_NAMED else ""
+        raise DataError(
+            f"{root}: captioned folder, but {len(missing)} image(s) have no caption file "
+            f"(same name, .txt): {named}{more}; add them (an empty .txt is allowed)"
+        )
+    return captions
+
+
 def _from_directory(root: str, image_size: int | None, channels: int | None, limit: int | None) -> _Rows:
     """Images under ``root``; first-level subdirectories are classes, ``x.txt`` next to ``x.png`` a caption."""
     base = Path(root)
@@ -178,7 +222,7 @@ def _from_directory(root: str, image_size: int | None, channels: int | None, lim
     classes = sorted({parts[0] for parts in rels}) if labelled else []
     class_of = {name: i for i, name in enumerate(classes)}
     labels_all = np.asarray([class_of[parts[0]] for parts in rels], dtype=np.int64) if labelled else None
-    paths = paths[:limit]
+    all_paths, paths = paths, paths[:limit]
 
     def open_image(path: Path) -> Image.Image:
         try:
@@ -204,11 +248,9 @@ def _from_directory(root: str, image_size: int | None, channels: int | None, lim
                 break
         channels = 1 if all_gray else 3
 
-    captions: list[str | None] = []
-    for path in paths:
-        side = path.with_suffix(".txt")
-        captions.append(side.read_text(encoding="utf-8").strip() if side.is_file() else None)
-    has_caption = any(c is not None for c in captions)
+    captions = _folder_captions(
+        root, paths, captioned=any(p.with_suffix(".txt").is_file() for p in all_paths), labelled=labelled
+    )
 
     def images() -> Iterator[Image.Image]:
         yield first
@@ -221,7 +263,69 @@ def _from_directory(root: str, image_size: int | None, channels: int | None, lim
         channels=channels,
         labels=labels_all[: len(paths)] if labels_all is not None else None,
         num_classes=len(classes) if labelled else None,
-        captions=captions if has_caption else None,
+        captions=captions,
+    )
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    """Alpha-composite onto white: transparent emoji pixels are white paper, not the black PIL's convert gives."""
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def emoji_caption(entry: dict[str, object]) -> str:
+    """A readable lowercase caption: the Unicode name ("grinning face with smiling eyes"), else the short name."""
+    name = entry.get("name")
+    if isinstance(name, str) and name.strip():
+        return " ".join(name.lower().split())
+    short = entry.get("short_name")
+    if isinstance(short, str) and short.strip():
+        return " ".join(short.lower().replace("_", " ").replace("-", " ").split())
+    return ""
+
+
+def _from_emoji(image_size: int | None, channels: int | None, limit: int | None) -> _Rows:
+    """The emoji-datasource-google set fetched at set-up time: 64x64 emoji, captioned by name, labelled by category.
+
+    Only the base emoji (one per ``emoji.json`` entry) are used; skin-tone variations would
+    add near-duplicate images with near-duplicate captions. Order is the package's
+    ``sort_order`` (then the code point), so ids are stable across machines and runs.
+    """
+    from memshard.data.fetch import EMOJI_IMAGE_DIR, emoji_dir  # lazy: `python -m memshard.data.fetch` imports us
+
+    base = emoji_dir()
+    meta = base / "emoji.json"
+    try:
+        entries = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"emoji: {meta} is not readable JSON ({exc}); delete {base} and fetch it again") from exc
+    if not isinstance(entries, list):
+        raise DataError(f"emoji: {meta} is not a list of entries")
+    usable = [e for e in entries if isinstance(e, dict) and e.get("has_img_google") is True and e.get("image")]
+    if not usable:
+        raise DataError(f"emoji: {meta} lists no google images")
+    usable.sort(key=lambda e: (int(e.get("sort_order") or 0), str(e.get("unified") or "")))
+    categories = sorted({str(e.get("category") or "") for e in usable})
+    class_of = {name: i for i, name in enumerate(categories)}
+    chosen = usable[:limit]
+    size, ch = image_size or 64, channels or 3
+
+    def images() -> Iterator[Image.Image]:
+        for entry in chosen:
+            path = base / EMOJI_IMAGE_DIR / str(entry["image"])
+            try:
+                with Image.open(path) as img:
+                    yield _on_white(img)
+            except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError... for bad files
+                raise DataError(f"emoji: cannot read image {path} ({exc})") from exc
+
+    return _Rows(
+        images=_encode_all(images(), ch, size),
+        image_size=size,
+        channels=ch,
+        labels=np.asarray([class_of[str(e.get("category") or "")] for e in chosen], dtype=np.int64),
+        num_classes=len(categories),
+        captions=[emoji_caption(e) for e in chosen],
     )
 
 
@@ -308,6 +412,110 @@ def _from_arrays(path: str, image_size: int | None, channels: int | None, limit:
     )
 
 
+def _from_parquet(path: str, image_size: int | None, channels: int | None, limit: int | None) -> _Rows:
+    """A Parquet file of encoded images (``image``) with optional ``caption``, ``label`` and ``id`` columns.
+
+    Images are decoded and re-encoded here like every other source, so an image-caption
+    table from elsewhere (any size, mode or format PIL reads) becomes a dataset that
+    decodes strictly. Rows without an ``id`` get their row number; a null image, caption
+    or label is refused with the row named, while an empty caption is kept and counted.
+    """
+    fs, fs_path = filesystem(path)
+    try:
+        with fs.open(fs_path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            schema = pf.schema_arrow
+            names = set(schema.names)
+            if "image" not in names:
+                raise DataError(f"{path}: no 'image' column (columns: {', '.join(schema.names)})")
+            wanted = [c for c in ("id", "image", "label", "caption") if c in names]
+            kinds = {
+                "image": (pa.types.is_binary, pa.types.is_large_binary),
+                "caption": (pa.types.is_string, pa.types.is_large_string),
+                "label": (pa.types.is_integer,),
+                "id": (pa.types.is_integer,),
+            }
+            for col in wanted:
+                t = schema.field(col).type
+                if not any(check(t) for check in kinds[col]):
+                    raise DataError(f"{path}: column '{col}' has type {t}, which cannot be used as {col}")
+            columns: dict[str, list[object]] = {c: [] for c in wanted}
+            n = 0
+            for batch in pf.iter_batches(batch_size=ROW_GROUP_SIZE, columns=wanted):
+                take = batch.num_rows if limit is None else min(batch.num_rows, limit - n)
+                for col in wanted:
+                    columns[col].extend(batch.column(col).slice(0, take).to_pylist())
+                n += take
+                if limit is not None and n >= limit:
+                    break
+    except DataError:
+        raise
+    except Exception as exc:  # pyarrow and fsspec raise many types for unreadable or absent files
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from exc
+    if n == 0:
+        raise DataError(f"{path}: no rows")
+
+    ids = None
+    if "id" in columns:
+        if any(v is None for v in columns["id"]):
+            row = columns["id"].index(None)
+            raise DataError(f"{path}: row {row}: null id")
+        ids = np.asarray(columns["id"], dtype=np.int64)
+        if len(np.unique(ids)) != len(ids):
+            raise DataError(f"{path}: column 'id' has duplicate values")
+
+    def where(row: int) -> str:
+        return f"{path}: row {row}" + (f" (id {ids[row]})" if ids is not None else "")
+
+    for col in ("image", "caption", "label"):
+        if col in columns and None in columns[col]:
+            raise DataError(f"{where(columns[col].index(None))}: null {col}")
+    labels = num_classes = None
+    if "label" in columns:
+        labels = np.asarray(columns["label"], dtype=np.int64)
+        if labels.min() < 0:
+            raise DataError(f"{where(int(np.argmin(labels)))}: negative label {labels.min()}")
+        num_classes = int(labels.max()) + 1
+
+    def open_row(row: int) -> Image.Image:
+        try:
+            img = Image.open(io.BytesIO(columns["image"][row]))  # type: ignore[arg-type]
+            img.load()
+        except Exception as exc:
+            raise DataError(f"{where(row)}: cannot read image ({exc})") from exc
+        return ImageOps.exif_transpose(img)
+
+    first = open_row(0)
+    size = image_size or min(first.size)
+    if channels is None:
+        gray = True
+        for row in range(n):
+            try:
+                with Image.open(io.BytesIO(columns["image"][row])) as probe:  # type: ignore[arg-type]
+                    gray = probe.mode in _GRAY_MODES
+            except Exception as exc:
+                raise DataError(f"{where(row)}: cannot read image ({exc})") from exc
+            if not gray:
+                break
+        channels = 1 if gray else 3
+
+    def images() -> Iterator[Image.Image]:
+        yield first
+        for row in range(1, n):
+            yield open_row(row)
+
+    captions = [str(c).strip() for c in columns["caption"]] if "caption" in columns else None
+    return _Rows(
+        images=_encode_all(images(), channels, size),
+        image_size=size,
+        channels=channels,
+        labels=labels,
+        num_classes=num_classes,
+        captions=captions,  # type: ignore[arg-type]
+        ids=ids,
+    )
+
+
 # -- writing -----------------------------------------------------------------------------
 
 
@@ -348,12 +556,18 @@ def prepare(
         rows = _from_digits(image_size, channels, limit)
     elif source == "fashion-mnist":
         rows = _from_fashion_mnist(image_size, channels, limit)
+    elif source == "emoji":
+        rows = _from_emoji(image_size, channels, limit)
     elif os.path.isdir(source):
         rows = _from_directory(source, image_size, channels, limit)
     elif source.lower().endswith((".npy", ".npz")):
         if not os.path.isfile(source):
             raise DataError(f"{source}: file does not exist")
         rows = _from_arrays(source, image_size, channels, limit)
+    elif source.lower().endswith(".parquet"):
+        if not is_remote(source) and not os.path.isfile(source.removeprefix("file://")):
+            raise DataError(f"{source}: file does not exist")
+        rows = _from_parquet(source, image_size, channels, limit)
     else:
         raise DataError(f"cannot prepare a dataset from {source!r}: accepted sources are {_ACCEPTED}")
     _write(_table(rows), out)
@@ -364,4 +578,5 @@ def prepare(
         channels=rows.channels,
         num_classes=rows.num_classes,
         has_caption=rows.captions is not None,
+        empty_captions=sum(1 for c in rows.captions or [] if not c),
     )
