@@ -66,11 +66,14 @@ class Size:
     gens_per_prompt: int
     sample_steps: int
     cpus: float
+    align_steps: int = 400
 
 
 SIZES = {
     "cpu": Size(16, "tiny", 24, 10, 40, 64, 6000, 32, 5e-4, 4, 2, 50, 2.0),
     "gpu": Size(32, "small", 100, 16, 500, 200, 20000, 64, 5e-4, 4, 4, 50, 1.0),
+    # the test suite's size: every code path, no claim about the numbers
+    "toy": Size(16, "tiny", 4, 3, 8, 8, 32, 8, 1e-3, 2, 2, 4, 2.0, align_steps=20),
 }
 LEVELS = (0.99, 0.9, 0.5)  # held-out quantiles for the thresholds: least to most private
 
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     # retrieval accuracy.
     all_t = pq.read_table(src)
     all_imgs, all_caps = rows_of(src, list(range(all_t.num_rows)), size.image_size)
-    align = train_alignment(all_imgs, all_caps, holdout=0.1, seed=0, steps=400)
+    align = train_alignment(all_imgs, all_caps, holdout=0.1, seed=0, steps=size.align_steps)
     judge = Judge(train_imgs, align)
     console.print(
         f"alignment model: {align.name}; held-out top-1 {align.info.get('holdout_top1'):.2f} "
@@ -280,10 +283,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- detection and threshold calibration (undefended trajectories, magnitudes per step)
     _, _, t_plain_m = generate(pipe, m_prompts, m_seeds, steps, prss=False)
-    _, rep_h, t_plain_h = generate(pipe, h_prompts, h_seeds, steps, prss=False)
+    _, _, t_plain_h = generate(pipe, h_prompts, h_seeds, steps, prss=False)
     from memshard.mitigations import detection_score
-    from memshard.prss import PRSSOptions
-    from memshard.prss import sample as prss_sample
+    from memshard.privacy import level, reference_magnitudes
 
     def mags(caps: list[str], n: int) -> np.ndarray:
         """Mean first-step magnitude over ``n`` seeds per caption (one batched UNet call per 32)."""
@@ -309,24 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             "mem_mean": float(pm.mean()),
             "heldout_mean": float(ph.mean()),
         }
-    x_h = pipe.initial_noise(len(h_prompts), h_seeds)
-    _, rec = prss_sample(
-        pipe.eps,
-        pipe.encode_prompts,
-        dict(pipe.scheduler.config),
-        h_prompts,
-        x_h,
-        steps,
-        options=PRSSOptions(enabled=False),
-        record_steps=True,
-    )
-    first = np.array([r["magnitude"] for r in rep_h])
-    per_step = np.concatenate([np.asarray(r["m_steps"]) for r in rec])
-    levels = []
-    for q in LEVELS:
-        lss = float(np.quantile(first, q))
-        lpr = float(np.quantile(per_step, q))
-        levels.append({"q": q, "lambda_ss": lss, "lambda_pr": lpr, "tau": lpr * 5 / 3})
+    first, per_step = reference_magnitudes(pipe, h_prompts, h_seeds, steps)
+    levels = [level(first, per_step, q) for q in LEVELS]
 
     # ---- methods on the memorized prompts
     mid = levels[1]

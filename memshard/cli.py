@@ -5,6 +5,7 @@
     memshard prepare SOURCE --out DATA.parquet [--size N] [--channels 1|3] [--limit N]
     memshard sample RUN [--num 64] [--steps 50] [--weights ema|raw] [--out grid.png]
     memshard sample RUN --prompt TEXT|--prompts-file F [--prss|--no-prss] [--lambda-ss X] [--out DIR]
+    memshard calibrate-prss RUN [--quantile 0.95]   (PRSS thresholds from the run's own magnitudes)
     memshard compare CONFIG [--set ...] [--out DIR]   (method vs plain training, same steps)
     memshard evaluate RUN [--num 256] [--steps 50] [--weights ema|raw] [--name default]
     memshard report RUN   (per-round table; skip-rate, skip-count and migration plots)
@@ -73,6 +74,7 @@ def _is_t2i(run: str) -> bool:
 def cmd_sample_t2i(args: argparse.Namespace) -> int:
     from .checkpoint import RunDir
     from .config import build_config
+    from .privacy import load_calibration
     from .t2i import SampleRequest, read_prompts, sample_run
 
     manifest = RunDir(args.run).manifest()
@@ -81,6 +83,10 @@ def cmd_sample_t2i(args: argparse.Namespace) -> int:
         from .config import PRSSConfig
 
         prss = PRSSConfig()
+    calibration = load_calibration(args.run)
+    if calibration is not None and all(v is None for v in (args.lambda_ss, args.lambda_pr, args.tau)):
+        # thresholds calibrated on this model (memshard calibrate-prss) beat the spec's SD-scale defaults
+        prss = prss.model_copy(update={k: calibration[k] for k in ("lambda_ss", "lambda_pr", "tau")})
     updates = {
         "enabled": args.prss,
         "lambda_ss": args.lambda_ss,
@@ -119,6 +125,18 @@ def cmd_sample_t2i(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     trig = sum(r.get("triggered", False) for r in reports)
     print(f"wrote {len(reports)} images to {out}/images, {out}/grid.png and {out}/report.jsonl ({trig} triggered PRSS)")
+    return 0
+
+
+def cmd_calibrate_prss(args: argparse.Namespace) -> int:
+    from .privacy import calibrate_run
+
+    out = calibrate_run(args.run, q=args.quantile, num_prompts=args.num_prompts, steps=args.steps, seed=args.seed)
+    print(
+        f"privacy level q={out['q']}: lambda_ss={out['lambda_ss']:.4g} lambda_pr={out['lambda_pr']:.4g} "
+        f"tau={out['tau']:.4g} (from {out['reference']}); written to {args.run}/prss/calibration.json, "
+        "used by `memshard sample` unless thresholds are given"
+    )
     return 0
 
 
@@ -265,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a baseline instead of PRSS",
     )
     s.set_defaults(func=cmd_sample)
+
+    cal = sub.add_parser("calibrate-prss", help="set a text-to-image run's PRSS thresholds from its own magnitudes")
+    cal.add_argument("run", help="run directory")
+    cal.add_argument("--quantile", type=float, default=0.95, help="privacy level q: about 1-q of captions trigger")
+    cal.add_argument("--num-prompts", type=int, default=64, help="training captions sampled for the reference")
+    cal.add_argument("--steps", type=int, default=50)
+    cal.add_argument("--seed", type=int, default=0)
+    cal.set_defaults(func=cmd_calibrate_prss)
 
     e = sub.add_parser("evaluate", help="memorization, copy similarity, FID (and class alignment) of a run")
     e.add_argument("run", help="run directory")

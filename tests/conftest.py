@@ -28,3 +28,17 @@ TINY = [
     "resources.cpus_per_shard=0.5",
     "logging.progress=false",
 ]
+
+
+@pytest.fixture(scope="session")
+def real_emoji():
+    """The fetched emoji package; skipped locally when absent, a failure in CI (setup.sh must have fetched it)."""
+    from memshard.data import DataError
+    from memshard.data.fetch import emoji_dir
+
+    try:
+        return emoji_dir()
+    except DataError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but the emoji set was not fetched by scripts/setup.sh: {exc}")
+        pytest.skip(f"emoji set not fetched (run `python -m memshard.data.fetch emoji`): {exc}")

@@ -13,7 +13,6 @@ import base64
 import hashlib
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
@@ -156,17 +155,6 @@ def test_emoji_caption_fallbacks() -> None:
 
 
 # -- the real emoji package ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def real_emoji() -> Path:
-    """The fetched package; skipped locally when absent, a failure in CI (setup.sh must have fetched it)."""
-    try:
-        return emoji_dir()
-    except DataError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but the emoji set was not fetched by scripts/setup.sh: {exc}")
-        pytest.skip(f"emoji set not fetched (run `python -m memshard.data.fetch emoji`): {exc}")
 
 
 def test_emoji_source_real_package(real_emoji: Path, tmp_path: Path) -> None:

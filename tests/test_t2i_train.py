@@ -240,3 +240,25 @@ def test_baseline_mitigations_run_through_the_pipeline(t2i_run):
                    mitigation_params=params)  # fmt: skip
         assert res.report[0]["mitigation"] == name and res.report[0]["original_prompt"] == "a red square number 0"
         assert not torch.equal(res.images, base), name
+
+
+def test_calibrate_prss_sets_the_thresholds_sample_uses(t2i_run, tmp_path):
+    from memshard.cli import main
+    from memshard.privacy import level, load_calibration
+
+    _, _, out = t2i_run
+    run = out.run_uri
+    assert main(["calibrate-prss", run, "--quantile", "0.5", "--num-prompts", "6", "--steps", "3"]) == 0
+    cal = load_calibration(run)
+    assert cal["q"] == 0.5 and cal["tau"] == pytest.approx(cal["lambda_pr"] * 5 / 3)
+    prompts = ["a red square number 0", "a green circle number 4", "a blue cross number 8", "a yellow square"]
+    args = [a for p in prompts for a in ("--prompt", p)]
+    assert main(["sample", run, *args, "--steps", "3", "--out", str(tmp_path / "cal")]) == 0
+    for rep in _report(tmp_path / "cal" / "report.jsonl"):
+        assert rep["triggered"] == (rep["magnitude"] > cal["lambda_ss"])
+    # a threshold on the command line wins over the calibration
+    assert main(["sample", run, *args, "--steps", "3", "--lambda-ss", "1e9", "--out", str(tmp_path / "cli")]) == 0
+    assert not any(r["triggered"] for r in _report(tmp_path / "cli" / "report.jsonl"))
+    assert level([1.0, 2.0, 3.0], [4.0, 6.0], 0.5) == {"q": 0.5, "lambda_ss": 2.0, "lambda_pr": 5.0, "tau": 5.0 * 5 / 3}
+    with pytest.raises(ValueError, match="quantile"):
+        level([1.0], [1.0], 1.0)
