@@ -70,7 +70,7 @@ class Size:
 
 
 SIZES = {
-    "cpu": Size(16, "tiny", 24, 10, 40, 64, 6000, 32, 5e-4, 4, 2, 50, 2.0),
+    "cpu": Size(16, "tiny", 24, 10, 40, 64, 6000, 32, 5e-4, 4, 2, 50, 1.0),
     "gpu": Size(32, "small", 100, 16, 500, 200, 20000, 64, 5e-4, 4, 4, 50, 1.0),
     # the test suite's size: every code path, no claim about the numbers
     "toy": Size(16, "tiny", 4, 3, 8, 8, 32, 8, 1e-3, 2, 2, 4, 2.0, align_steps=20),
