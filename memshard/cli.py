@@ -6,6 +6,7 @@
     memshard sample RUN [--num 64] [--steps 50] [--weights ema|raw] [--out grid.png]
     memshard sample RUN --prompt TEXT|--prompts-file F [--prss|--no-prss] [--lambda-ss X] [--out DIR]
     memshard calibrate-prss RUN [--quantile 0.95]   (PRSS thresholds from the run's own magnitudes)
+    memshard serve RUN [--port 8000] [--lambda-ss X]  (HTTP endpoint with Ray Serve; PRSS floor server-side)
     memshard compare CONFIG [--set ...] [--out DIR]   (method vs plain training, same steps)
     memshard evaluate RUN [--num 256] [--steps 50] [--weights ema|raw] [--name default]
     memshard report RUN   (per-round table; skip-rate, skip-count and migration plots)
@@ -125,6 +126,30 @@ def cmd_sample_t2i(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     trig = sum(r.get("triggered", False) for r in reports)
     print(f"wrote {len(reports)} images to {out}/images, {out}/grid.png and {out}/report.jsonl ({trig} triggered PRSS)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeLimits, describe, serve_run
+
+    if args.detach and not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError("--detach needs a running Ray cluster (RAY_ADDRESS): a local one dies with this process")
+    limits = ServeLimits(
+        max_images=args.max_images,
+        max_steps=args.max_steps,
+        default_steps=args.default_steps,
+        max_body_bytes=args.max_body_bytes,
+        max_batch_images=args.max_batch_images or max(16, args.max_images),
+        batch_wait_s=args.batch_wait_ms / 1000,
+    )
+    serve_run(
+        args.run, args.host, args.port, args.replicas, name=args.name, route_prefix=args.route_prefix,
+        weights=args.weights, limits=limits, allow_no_prss=args.allow_no_prss, lambda_ss=args.lambda_ss,
+        lambda_pr=args.lambda_pr, tau=args.tau, cpus_per_replica=args.cpus_per_replica,
+        gpus_per_replica=args.gpus_per_replica, request_timeout_s=args.request_timeout_s,
+        timeout_s=args.timeout_s, blocking=not args.detach,
+        on_ready=lambda url, health: print(describe(url, health), flush=True),
+    )  # fmt: skip
     return 0
 
 
@@ -283,6 +308,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="a baseline instead of PRSS",
     )
     s.set_defaults(func=cmd_sample)
+
+    sv = sub.add_parser("serve", help="serve RUN's model over HTTP with Ray Serve (PRSS on for text-to-image)")
+    sv.add_argument("run", help="run directory (local or s3://)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--replicas", type=int, default=1)
+    sv.add_argument("--name", default="memshard")
+    sv.add_argument("--route-prefix", default="/")
+    sv.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    sv.add_argument("--cpus-per-replica", type=float, default=1.0)
+    sv.add_argument("--gpus-per-replica", type=float)
+    sv.add_argument("--lambda-ss", type=float, help="server floor (requests may only go lower = more private)")
+    sv.add_argument("--lambda-pr", type=float)
+    sv.add_argument("--tau", type=float)
+    sv.add_argument("--allow-no-prss", action="store_true", help="let requests turn PRSS off")
+    sv.add_argument("--max-images", type=int, default=8, help="images per request")
+    sv.add_argument("--max-steps", type=int, default=100)
+    sv.add_argument("--default-steps", type=int, default=50)
+    sv.add_argument("--max-body-bytes", type=int, default=65536)
+    sv.add_argument("--max-batch-images", type=int, help="images per batched call (default max(16, --max-images))")
+    sv.add_argument("--batch-wait-ms", type=float, default=50.0)
+    sv.add_argument("--request-timeout-s", type=float)
+    sv.add_argument("--timeout-s", type=float, default=600.0, help="wait this long for the deployment to start")
+    sv.add_argument("--detach", action="store_true", help="return once deployed (needs RAY_ADDRESS)")
+    sv.set_defaults(func=cmd_serve)
 
     cal = sub.add_parser("calibrate-prss", help="set a text-to-image run's PRSS thresholds from its own magnitudes")
     cal.add_argument("run", help="run directory")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -60,24 +61,28 @@ def ddim_sample(
     class_labels: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     index_offset: int = 0,
+    seeds: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """``num`` images in [0, 1], shape (num, C, H, W).
 
     Image i depends only on (seed, index_offset + i), so generation can be split over
-    workers in any way and still give the same set of images.
+    workers in any way and still give the same set of images. ``seeds`` instead gives image
+    i the noise seed ``seeds[i]`` (``seed * 1_000_003 + index_offset + i`` is the default
+    one), so a server can batch requests with different seeds into one call.
     """
+    base = seed * 1_000_003 + index_offset
+    noise_seeds = [int(s) for s in seeds] if seeds is not None else [base + k for k in range(num)]
+    if len(noise_seeds) != num:
+        raise ValueError(f"{len(noise_seeds)} seeds for {num} images")
     unet = unet.to(device).eval()
     sched = DDIMScheduler.from_config(scheduler_config)
     sched.set_timesteps(steps)
     c, size = unet.config.in_channels, unet.config.sample_size
     outs = []
-    base = seed * 1_000_003 + index_offset
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
-        noise = torch.stack(
-            [torch.randn((c, size, size), generator=torch.Generator().manual_seed(base + start + i)) for i in range(n)]
-        ).to(device)
-        x = noise
+        gens = [torch.Generator().manual_seed(s) for s in noise_seeds[start : start + n]]
+        x = torch.stack([torch.randn((c, size, size), generator=g) for g in gens]).to(device)
         labels = class_labels[start : start + n].to(device) if class_labels is not None else None
         for t in sched.timesteps:
             tt = torch.full((n,), int(t), device=device, dtype=torch.long)
