@@ -7,6 +7,7 @@
     memshard sample RUN --prompt TEXT|--prompts-file F [--prss|--no-prss] [--lambda-ss X] [--out DIR]
     memshard calibrate-prss RUN [--quantile 0.95]   (PRSS thresholds from the run's own magnitudes)
     memshard serve RUN [--port 8000] [--lambda-ss X]  (HTTP endpoint with Ray Serve; PRSS floor server-side)
+    memshard sweep CONFIG --param agc.ratio=uniform(1.1,3) [--samples N] [--out DIR]  (Ray Tune, ASHA)
     memshard compare CONFIG [--set ...] [--out DIR]   (method vs plain training, same steps)
     memshard evaluate RUN [--num 256] [--steps 50] [--weights ema|raw] [--name default]
     memshard report RUN   (per-round table; skip-rate, skip-count and migration plots)
@@ -127,6 +128,18 @@ def cmd_sample_t2i(args: argparse.Namespace) -> int:
     trig = sum(r.get("triggered", False) for r in reports)
     print(f"wrote {len(reports)} images to {out}/images, {out}/grid.png and {out}/report.jsonl ({trig} triggered PRSS)")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    df = run_sweep(
+        args.config, args.param or [], args.samples, args.out, args.set or [],
+        metric=args.metric, mode=args.mode, scheduler=args.scheduler, grace_period=args.grace_period,
+        max_concurrent=args.max_concurrent, evaluate=args.evaluate, eval_num=args.eval_num,
+        time_budget_s=args.time_budget_s,
+    )  # fmt: skip
+    return 0 if not df.empty and (df["status"] == "completed").any() else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -308,6 +321,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="a baseline instead of PRSS",
     )
     s.set_defaults(func=cmd_sample)
+
+    sw = sub.add_parser("sweep", help="Ray Tune sweep, each trial a full run; results.csv + pareto.png")
+    add_config_args(sw)
+    sw.add_argument(
+        "--param",
+        action="append",
+        metavar="KEY=SPACE",
+        help="uniform(a,b) | loguniform(a,b) | choice(v,...) | randint(a,b) (b excluded) | grid(v,...); repeatable",
+    )
+    sw.add_argument("--samples", type=int)
+    sw.add_argument("--out", help="sweep directory (local or s3://); default runs/<name>-sweep-<time>")
+    sw.add_argument("--metric", choices=("loss", "skip_rate", "memorized_fraction", "fid"))
+    sw.add_argument("--mode", choices=("min", "max"))
+    sw.add_argument("--scheduler", choices=("asha", "fifo"))
+    sw.add_argument("--grace-period", type=int)
+    sw.add_argument("--max-concurrent", type=int)
+    sw.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None)
+    sw.add_argument("--eval-num", type=int)
+    sw.add_argument("--time-budget", type=float, dest="time_budget_s")
+    sw.set_defaults(func=cmd_sweep)
 
     sv = sub.add_parser("serve", help="serve RUN's model over HTTP with Ray Serve (PRSS on for text-to-image)")
     sv.add_argument("run", help="run directory (local or s3://)")

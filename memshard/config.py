@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -261,6 +264,9 @@ class StorageConfig(_Section):
 class LoggingConfig(_Section):
     progress: bool = Field(True, description="Show a live progress display (rich).")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    tensorboard: bool = Field(
+        True, description="Write per-round scalars (step = round id) as TensorBoard event files under RUN/tb/."
+    )
 
 
 class SampleConfig(_Section):
@@ -270,6 +276,150 @@ class SampleConfig(_Section):
     steps: int = Field(50, ge=1)
     weights: Literal["ema", "raw"] = "ema"
     batch_size: int = Field(64, ge=1)
+
+
+# --------------------------------------------------------------------------- sweeps
+
+SEARCH_DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint", "grid")
+# Metrics every round reports (ASHA can compare trials on them) and metrics measured once per trial.
+ROUND_METRICS = ("loss", "skip_rate")
+EVAL_METRICS = ("memorized_fraction", "fid")
+# Keys a sweep may not vary: they are the sweep's own settings, where trials write, or the budget axis
+# ASHA measures trials on (train.rounds must be the same for every trial).
+SWEEP_FIXED_KEYS = ("sweep", "storage", "logging", "train.rounds", "resources.address", "resources.local_num_cpus")
+
+_SPEC_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*\((.*)\)\s*$", re.DOTALL)
+_NUMBER_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parsed search-space string, e.g. ``uniform(1.1, 3)``; Ray-free so configs validate without Ray."""
+
+    kind: str  # one of SEARCH_DISTRIBUTIONS
+    args: tuple[Any, ...]  # (low, high) for ranges, the values for choice / grid
+    text: str
+
+    def candidates(self) -> list[Any]:
+        """Values a trial may receive that bound the space: checked against the config before any trial runs."""
+        if self.kind in ("uniform", "loguniform"):
+            return list(self.args)
+        if self.kind == "randint":
+            return [self.args[0], self.args[1] - 1]  # Tune's randint excludes the upper bound
+        return list(self.args)
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` as a string; a search space means the number."""
+    if isinstance(value, str) and _NUMBER_RE.match(value.strip()):
+        text = value.strip()
+        return int(text) if re.fullmatch(r"[-+]?\d+", text) else float(text)
+    return value
+
+
+def parse_search_space(text: str) -> ParamSpec:
+    """Parse ``uniform(a,b)``, ``loguniform(a,b)``, ``choice(v,...)``, ``randint(a,b)`` or ``grid(v,...)``.
+
+    Raises ValueError with the reason (bounds reversed, unknown distribution, ...) so a bad
+    space fails when the config loads, not as N failed trials an hour later.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a search space: write e.g. uniform(1.1, 3) or choice(0.1, 0.25)")
+    m = _SPEC_RE.match(text)
+    if not m:
+        raise ValueError(
+            f"{text!r} is not a search space: write DIST(ARGS) with DIST one of {', '.join(SEARCH_DISTRIBUTIONS)} "
+            "(a fixed value belongs in --set / the config itself)"
+        )
+    kind, inner = m.group(1), m.group(2)
+    if kind not in SEARCH_DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {kind!r} in {text!r}: use one of {', '.join(SEARCH_DISTRIBUTIONS)}")
+    try:
+        args = yaml.safe_load(f"[{inner}]") if inner.strip() else []
+    except yaml.YAMLError:
+        raise ValueError(f"{text!r}: cannot read the arguments {inner!r}") from None
+    args = [_number(a) for a in args]
+    if kind in ("choice", "grid"):
+        if not args:
+            raise ValueError(f"{text!r}: {kind} needs at least one value")
+        return ParamSpec(kind, tuple(args), text)
+    if len(args) != 2:
+        raise ValueError(f"{text!r}: {kind} takes exactly two bounds, got {len(args)}")
+    lo, hi = args
+    if any(isinstance(a, bool) or not isinstance(a, int | float) or not math.isfinite(a) for a in args):
+        raise ValueError(f"{text!r}: {kind} bounds must be finite numbers")
+    if kind == "randint" and not all(isinstance(a, int) for a in args):
+        raise ValueError(f"{text!r}: randint bounds must be integers")
+    if lo >= hi:
+        raise ValueError(f"{text!r}: the lower bound {lo} must be below the upper bound {hi}")
+    if kind == "loguniform" and lo <= 0:
+        raise ValueError(f"{text!r}: loguniform bounds must be positive")
+    return ParamSpec(kind, (lo, hi), text)
+
+
+class SweepConfig(_Section):
+    """A hyperparameter sweep (``memshard sweep``): each trial is a full run with some keys drawn from a space."""
+
+    params: dict[str, str] = Field(
+        default_factory=dict,
+        description="Dotted config key -> search space: uniform(a,b), loguniform(a,b), choice(v,...), "
+        "randint(a,b) (b excluded, as in Tune) or grid(v,...).",
+    )
+    samples: int = Field(1, ge=1, description="Trials drawn from the space (grid values are crossed with this).")
+    metric: Literal["loss", "skip_rate", "memorized_fraction", "fid"] = Field(
+        "loss",
+        description="What the sweep optimises. loss / skip_rate are reported every round (ASHA stops on them); "
+        "memorized_fraction / fid only exist once a trial's served model is evaluated (sweep.evaluate).",
+    )
+    mode: Literal["min", "max"] = "min"
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops bad trials early; fifo runs all.")
+    grace_period: int = Field(1, ge=1, description="Rounds every trial runs before ASHA may stop it.")
+    reduction_factor: float = Field(4.0, gt=1, description="ASHA keeps 1/reduction_factor of trials per rung.")
+    max_concurrent: int | None = Field(None, ge=1, description="Trials at once; None = as many as the cluster fits.")
+    max_failures: int = Field(0, ge=0, description="Retries of a failed trial (it resumes from its run directory).")
+    time_budget_s: float | None = Field(None, gt=0, description="Stop starting/continuing trials after this long.")
+    evaluate: bool = Field(
+        False, description="Evaluate each finished trial's served model: memorized fraction (1/3 rule) and FID."
+    )
+    eval_num: int = Field(64, ge=2, description="Samples generated per evaluated trial.")
+    eval_steps: int = Field(25, ge=1, description="DDIM steps of those samples.")
+    eval_reference: int | None = Field(
+        512,
+        ge=2,
+        description="Training images FID / copy similarity compare against (None = all; their features are the "
+        "expensive part of evaluating on CPU).",
+    )
+
+    @field_validator("params")
+    @classmethod
+    def _parse_params(cls, params: dict[str, str]) -> dict[str, str]:
+        for key, text in params.items():
+            if not key or any(not part for part in key.split(".")):
+                raise ValueError(f"malformed key {key!r}")
+            fixed = next((f for f in SWEEP_FIXED_KEYS if key == f or key.startswith(f + ".")), None)
+            if fixed is not None:
+                raise ValueError(f"{key} cannot be swept ({fixed} is the same for every trial of a sweep)")
+            try:
+                parse_search_space(text)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+        return params
+
+    @model_validator(mode="after")
+    def _metric_needs(self) -> SweepConfig:
+        if self.metric in EVAL_METRICS:
+            if not self.evaluate:
+                raise ValueError(f"sweep.metric={self.metric} needs sweep.evaluate=true")
+            if self.scheduler == "asha":
+                raise ValueError(
+                    f"sweep.metric={self.metric} is measured once, when a trial ends, but ASHA compares trials "
+                    "every round: set sweep.scheduler=fifo, or optimise loss/skip_rate and read "
+                    f"{self.metric} from results.csv"
+                )
+        return self
+
+    def spaces(self) -> dict[str, ParamSpec]:
+        return {key: parse_search_space(text) for key, text in self.params.items()}
 
 
 class MemshardConfig(_Section):
@@ -294,6 +444,7 @@ class MemshardConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     prss: PRSSConfig = Field(default_factory=PRSSConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -333,7 +484,33 @@ class MemshardConfig(_Section):
             raise ValueError("model.pipeline (fine-tuning a text-to-image pipeline) needs model.text_conditional=true")
         if self.model.beta_start >= self.model.beta_end:
             raise ValueError("model.beta_start must be below model.beta_end")
+        self._check_sweep_keys()
         return self
+
+    def _check_sweep_keys(self) -> None:
+        """Every swept key must be a config key, and the space's bounds valid values of it.
+
+        Checked by building the config with each bounding value (sweep section emptied, so this
+        does not recurse), which reuses every field constraint instead of restating them here.
+        """
+        if not self.sweep.params:
+            return
+        base = self.model_dump(mode="json")
+        base["sweep"] = {}
+        for key, spec in self.sweep.spaces().items():
+            for value in spec.candidates():
+                try:
+                    MemshardConfig.model_validate(set_dotted(base, key, value))
+                except ConfigError as exc:
+                    raise ValueError(f"sweep.params: {key} is not a config key ({exc})") from None
+                except ValidationError as exc:
+                    errs = exc.errors()
+                    if any(e["type"] == "extra_forbidden" for e in errs):
+                        raise ValueError(f"sweep.params: {key} is not a config key") from None
+                    msg = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or key}: {e['msg']}" for e in errs)
+                    raise ValueError(
+                        f"sweep.params: {key}={spec.text} allows {value!r}, which is invalid ({msg})"
+                    ) from None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -427,6 +604,22 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
             node = child
         node[parts[-1]] = value
+    return out
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of ``raw`` with the dotted ``key`` set to ``value`` (typed, unlike a --set string)."""
+    out = copy.deepcopy(raw)
+    parts = key.split(".")
+    node = out
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
     return out
 
 

@@ -6,10 +6,16 @@ One round r:
   2. the aggregation task streams the proxies' weights into the size-weighted average and
      commits it to RUN/rounds/r; its result ref is the next round's broadcast;
   3. the coordinator writes the round's per-sample statistics and the next assignment;
-  4. the driver commits the round by writing the manifest (last), then publishes served/.
+  4. the driver commits the round by writing the manifest (last), then publishes served/,
+     logs the round to RUN/tb/ (TensorBoard) and calls ``on_round`` (a sweep trial's report).
 
 The driver holds no training state: everything it needs to continue is in the run
 directory, which is what ``--resume`` (and a restarted driver) reads.
+
+Run inside a placement group (a Tune trial of ``memshard sweep``, whose
+``PlacementGroupFactory`` reserved one bundle per shard), the shard actors go into that
+group's last K bundles instead of a new, nested group, which could never be placed once
+the trials' groups hold the cluster.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,7 +33,12 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .actors import ShardActor, aggregate_round
@@ -39,10 +51,11 @@ from .ingest import Ingested, format_bad, ingest
 from .migration import migrates_after
 from .progress import RoundProgress, console
 from .proxy import steps_for
+from .tensorboard import RoundLogger
 from .unet import build_scheduler, build_unet, unet_config
 
 # Keys that may change when a run is resumed (everything else must match the stored config).
-RESUMABLE_KEYS = ("train.rounds", "logging", "resources", "storage", "sample")
+RESUMABLE_KEYS = ("train.rounds", "logging", "resources", "storage", "sample", "sweep")
 
 
 class RunError(RuntimeError):
@@ -82,7 +95,7 @@ def resume_config(stored: dict[str, Any], given: MemshardConfig) -> MemshardConf
         raise RunError(
             "--resume with a config that differs from the run's in: "
             + ", ".join(fixed)
-            + " (only train.rounds, logging, resources, storage and sample may change)"
+            + " (only train.rounds, logging, resources, storage, sample and sweep may change)"
         )
     return build_config(given.to_dict())
 
@@ -117,17 +130,17 @@ def check_resources(cfg: MemshardConfig, need: dict[str, float]) -> None:
             )
 
 
-def _prepare_data(cfg: MemshardConfig, workdir: str) -> tuple[str, Ingested]:
+def _prepare_data(cfg: MemshardConfig, workdir: str, use_ray: bool = True) -> tuple[str, Ingested]:
     """Resolve and validate the dataset. Built-in sources are prepared into ``workdir`` first."""
     if cfg.data.source is not None:
         local = os.path.join(workdir, f"{cfg.data.source}.parquet")
         prepare(cfg.data.source, local, image_size=cfg.data.image_size, channels=cfg.data.channels)
         return local, ingest(cfg, local, use_ray=False)
-    return cfg.data.path, ingest(cfg, cfg.data.path, use_ray=True)
+    return cfg.data.path, ingest(cfg, cfg.data.path, use_ray=use_ray)
 
 
 def _create_run(
-    cfg: MemshardConfig, run: RunDir, data_local: str, ingested: Ingested, coordinator: Any
+    cfg: MemshardConfig, run: RunDir, data_local: str, ingested: Ingested, coordinator: Any, use_ray: bool = True
 ) -> tuple[str, dict[str, Any]]:
     """Write round 0 (data copy, initial split, initial weights) and the manifest."""
     data_uri = ingested.uri
@@ -138,7 +151,7 @@ def _create_run(
     if ingested.bad:
         ids = np.array([i for i, _ in ingested.bad], dtype=np.int64)
         run.store.write_bytes("bad_rows.parquet", table_bytes({"id": ids, "reason": [r for _, r in ingested.bad]}))
-    caches = build_caches(cfg, data_uri, ingested.ids, use_ray=True)
+    caches = build_caches(cfg, data_uri, ingested.ids, use_ray=use_ray)
     sizes = ray.get(coordinator.initial_assignment.remote(ingested.ids, ingested.labels, cfg.shards.policy, cfg.seed))
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg)
@@ -168,8 +181,32 @@ def _publish_served(
     RunDir(run_uri).publish_served(unet_cfg, sched_cfg, raw, ema, info, model_cfg=model_cfg)
 
 
+def shard_bundles(pg: PlacementGroup, bundle: dict[str, float], k: int) -> list[int]:
+    """Indices of the bundles of an existing placement group the K shard actors go into: its last K.
+
+    The last K, because Tune's ``PlacementGroupFactory([head, shard, ...])`` puts the trial's
+    own bundle first (and drops it when empty). Each must hold a shard actor, or the actor
+    would wait forever for resources its group never had.
+    """
+    specs = pg.bundle_specs
+    if len(specs) < k:
+        raise RunError(f"the placement group this run is inside has {len(specs)} bundle(s); {k} shard actors need {k}")
+    indices = list(range(len(specs) - k, len(specs)))
+    for i in indices:
+        short = {r: v for r, v in bundle.items() if specs[i].get(r, 0) + 1e-9 < v}
+        if short:
+            raise RunError(
+                f"bundle {i} of the enclosing placement group ({specs[i]}) cannot hold a shard actor ({bundle})"
+            )
+    return indices
+
+
 def train(
-    cfg: MemshardConfig, out: str | None = None, resume: bool = False, stop_after_s: float | None = None
+    cfg: MemshardConfig,
+    out: str | None = None,
+    resume: bool = False,
+    stop_after_s: float | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainOutcome:
     """Run (or resume) an IET-AGC training run; returns where the served model is.
 
@@ -177,6 +214,10 @@ def train(
     end later than that many seconds after the call began. The committed rounds stay; calling
     again with ``resume=True`` continues. This is how a run fits machines lent in slices
     (a 10-minute command limit) or preemptible nodes.
+
+    ``on_round(summary)`` is called after each round is committed and served (a sweep trial
+    reports it to Tune there). If it raises, the run stops after that round, which stays
+    committed, and the exception propagates.
     """
     call_t0 = time.perf_counter()
     run_uri = out or cfg.storage.run_dir or (None if resume else default_run_dir(cfg))
@@ -196,6 +237,10 @@ def train(
     connect(cfg)
     need = shard_resources(cfg)
     check_resources(cfg, need)
+    # Inside a placement group (a sweep trial): its bundles were sized for the shard actors only, so
+    # one-off 1-CPU tasks (ingest validation, condition caches) run in this process instead.
+    enclosing_pg = get_current_placement_group()
+    use_ray_tasks = enclosing_pg is None
     coordinator_name = f"memshard-coordinator-{uuid.uuid4().hex[:12]}"
     coordinator = Coordinator.options(
         name=coordinator_name,
@@ -206,10 +251,10 @@ def train(
     if not resume:
         workdir = tempfile.mkdtemp(prefix="memshard-data-")
         try:
-            data_local, ingested = _prepare_data(cfg, workdir)
+            data_local, ingested = _prepare_data(cfg, workdir, use_ray=use_ray_tasks)
             if ingested.bad:
                 console.print(f"[yellow]dropped {len(ingested.bad)} bad row(s):[/yellow]\n{format_bad(ingested.bad)}")
-            data_uri, manifest = _create_run(cfg, run, data_local, ingested, coordinator)
+            data_uri, manifest = _create_run(cfg, run, data_local, ingested, coordinator, use_ray=use_ray_tasks)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     else:
@@ -227,14 +272,18 @@ def train(
     k = cfg.shards.count
 
     bundle = {r: v for r, v in need.items() if v > 0} or {"CPU": 0.001}
-    pg = placement_group([dict(bundle) for _ in range(k)], strategy=cfg.resources.placement_strategy)
-    ready, _ = ray.wait([pg.ready()], timeout=cfg.resources.placement_timeout_s)
-    if not ready:
-        remove_placement_group(pg)
-        raise RunError(
-            f"could not place {k} shard actors ({bundle} each, {cfg.resources.placement_strategy}) "
-            f"within {cfg.resources.placement_timeout_s:g}s; cluster has {ray.cluster_resources()}"
-        )
+    if enclosing_pg is not None:
+        pg, bundle_index = enclosing_pg, shard_bundles(enclosing_pg, bundle, k)
+    else:
+        pg = placement_group([dict(bundle) for _ in range(k)], strategy=cfg.resources.placement_strategy)
+        bundle_index = list(range(k))
+        ready, _ = ray.wait([pg.ready()], timeout=cfg.resources.placement_timeout_s)
+        if not ready:
+            remove_placement_group(pg)
+            raise RunError(
+                f"could not place {k} shard actors ({bundle} each, {cfg.resources.placement_strategy}) "
+                f"within {cfg.resources.placement_timeout_s:g}s; cluster has {ray.cluster_resources()}"
+            )
     config_json = cfg.model_dump_json()
     actors = [
         ShardActor.options(
@@ -242,11 +291,17 @@ def train(
             num_gpus=need["GPU"],
             max_restarts=cfg.resources.actor_max_restarts,
             max_task_retries=cfg.resources.actor_max_restarts,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index[i]),
         ).remote(config_json, run_uri, data_uri, i, coordinator_name)
         for i in range(k)
     ]
+    tb: RoundLogger | None = None
     try:
+        if cfg.logging.tensorboard:
+            # a resume re-logs its last committed round over whatever an earlier session logged from there on
+            tb = RoundLogger(run_uri, purge_step=committed if committed > 0 else None)
+            if committed > 0 and manifest["rounds"]:
+                tb.log_round(manifest["rounds"][-1])
         global_ref = ray.put(run.load_weights(committed))
         if resume and committed > 0:
             ray.get(
@@ -280,15 +335,22 @@ def train(
                 run.write_manifest(manifest)  # the commit point of round r
                 ray.get(_publish_served.remote(run_uri, agg_ref, unet_cfg, sched_cfg, info_of(r)))
                 progress.round_done(summary)
+                if tb is not None:
+                    tb.log_round(summary)
                 sizes = summary["shard_sizes"]
                 global_ref = agg_ref
                 last_round_s = summary["round_s"]
                 own_weights_next = starts_from_own_weights(cfg, r)
+                if on_round is not None:
+                    on_round(summary)
     finally:
+        if tb is not None:
+            tb.close()
         for a in actors:
             ray.kill(a)
         ray.kill(coordinator)
-        remove_placement_group(pg)
+        if enclosing_pg is None:
+            remove_placement_group(pg)  # never the enclosing group: it belongs to the sweep trial
     final = run.manifest()
     served = run.store.uri_of("served")
     console.print(

@@ -53,10 +53,12 @@ class EvalOptions:
     memory_budget_bytes: int = 256 * 2**20
     classifier_epochs: int = 5
     round: int | None = None  # evaluate the global weights of this committed round (None = the served model)
+    # Generate in this process instead of Ray tasks of 1 CPU / 1 GPU: for callers that already run in a
+    # placement-group bundle sized for something else (a sweep trial), where such tasks could never be placed.
+    in_process: bool = False
 
 
-@ray.remote
-def _generate_chunk(
+def _generate_images(
     run_uri: str,
     weights: str,
     start: int,
@@ -84,6 +86,9 @@ def _generate_chunk(
     return to_uint8(imgs)
 
 
+_generate_chunk = ray.remote(_generate_images)
+
+
 def generate(
     run_uri: str,
     num: int,
@@ -93,8 +98,12 @@ def generate(
     labels: np.ndarray | None,
     batch_size: int,
     round_id: int | None = None,
+    in_process: bool = False,
 ) -> np.ndarray:
-    """(num, H, W, C) uint8 samples, split over one task per GPU (or per CPU locally)."""
+    """(num, H, W, C) uint8 samples, split over one task per GPU (or per CPU locally), or made here."""
+    if in_process:
+        lab = labels.tolist() if labels is not None else None
+        return _generate_images(run_uri, weights, 0, num, steps, seed, lab, batch_size, round_id)
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
     workers = max(1, min(gpus or int(res.get("CPU", 1)), math.ceil(num / batch_size)))
@@ -194,7 +203,15 @@ def evaluate(run_uri: str, opts: EvalOptions) -> dict[str, Any]:
             f"{run_uri}: round {opts.round} is not committed (rounds 1..{manifest['rounds_completed']})"
         )
     gen_hwc = generate(
-        run_uri, opts.num, opts.steps, opts.weights, opts.seed, labels, opts.batch_size, round_id=opts.round
+        run_uri,
+        opts.num,
+        opts.steps,
+        opts.weights,
+        opts.seed,
+        labels,
+        opts.batch_size,
+        round_id=opts.round,
+        in_process=opts.in_process,
     )
     gen = _to_float(gen_hwc)
     train = train_u8.astype(np.float32) / 255.0
