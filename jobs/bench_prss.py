@@ -67,10 +67,15 @@ class Size:
     sample_steps: int
     cpus: float
     align_steps: int = 400
+    # CFG scale of every arm. The spec's 7.5 suits Stable Diffusion; the tiny CPU model's
+    # unconditional branch is weak and 7.5 turns its samples into colour noise (1/3-rule
+    # memorized 0%, own training image the nearest for 42%), while at 1.5 it reproduces its
+    # memorized images (nearest for 100%, 1/3 rule 29%), the regime PRSS is for.
+    guidance_scale: float = 7.5
 
 
 SIZES = {
-    "cpu": Size(16, "tiny", 24, 10, 40, 64, 6000, 32, 5e-4, 4, 2, 50, 1.0),
+    "cpu": Size(16, "tiny", 24, 10, 40, 64, 6000, 32, 5e-4, 4, 2, 50, 1.0, guidance_scale=1.5),
     "gpu": Size(32, "small", 100, 16, 500, 200, 20000, 64, 5e-4, 4, 4, 50, 1.0),
     # the test suite's size: every code path, no claim about the numbers
     "toy": Size(16, "tiny", 4, 3, 8, 8, 32, 8, 1e-3, 2, 2, 4, 2.0, align_steps=20),
@@ -175,14 +180,19 @@ def train_arm(size: Size, split: dict[str, Any], out: str, method: str) -> str:
 # ----------------------------------------------------------------------------- sampling
 
 
-def generate(pipe: Any, prompts: list[str], seeds: list[int], steps: int, **kw: Any) -> tuple[np.ndarray, list, float]:
+def generate(
+    pipe: Any, prompts: list[str], seeds: list[int], steps: int, gs: float, **kw: Any
+) -> tuple[np.ndarray, list, float]:
     """uint8 NHWC generations, per-image reports and wall seconds (batches of 32)."""
     from memshard.sampling import to_uint8
 
     imgs, reps = [], []
     t0 = time.perf_counter()
     for s in range(0, len(prompts), 32):
-        res = pipe(prompts[s : s + 32], num_inference_steps=steps, seeds=seeds[s : s + 32], output_type="pt", **kw)
+        res = pipe(
+            prompts[s : s + 32], num_inference_steps=steps, seeds=seeds[s : s + 32], output_type="pt",
+            guidance_scale=gs, **kw,
+        )  # fmt: skip
         imgs.append(to_uint8(res.images))
         reps += res.report
     return np.concatenate(imgs), reps, time.perf_counter() - t0
@@ -276,14 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_served_t2i(os.path.join(plain_run, "served"))
     g = size.gens_per_prompt
     steps = size.sample_steps
+    gs = size.guidance_scale
     m_prompts = [c for c in mem_caps for _ in range(g)]
     m_seeds = list(range(len(m_prompts)))
     h_prompts = [c for c in held_caps for _ in range(g)]
     h_seeds = list(range(10_000, 10_000 + len(h_prompts)))
 
     # ---- detection and threshold calibration (undefended trajectories, magnitudes per step)
-    _, _, t_plain_m = generate(pipe, m_prompts, m_seeds, steps, prss=False)
-    _, _, t_plain_h = generate(pipe, h_prompts, h_seeds, steps, prss=False)
+    generate(pipe, m_prompts, m_seeds, steps, gs, prss=False)  # warm-up (and the same work as the "none" arm)
     from memshard.mitigations import detection_score
     from memshard.privacy import level, reference_magnitudes
 
@@ -311,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             "mem_mean": float(pm.mean()),
             "heldout_mean": float(ph.mean()),
         }
-    first, per_step = reference_magnitudes(pipe, h_prompts, h_seeds, steps)
+    first, per_step = reference_magnitudes(pipe, h_prompts, h_seeds, steps, guidance_scale=gs)
     levels = [level(first, per_step, q) for q in LEVELS]
 
     # ---- methods on the memorized prompts
@@ -326,10 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         ("ss", {"prss_mode": "ss", **prss_kw}),
     ] + [(f"prss q={lv['q']}", {k: lv[k] for k in ("lambda_ss", "lambda_pr", "tau")}) for lv in levels]
     results: list[dict[str, Any]] = []
+    base_secs = 1.0
     grids: dict[str, np.ndarray] = {}
     for name, kw in arms:
-        gen, reps, secs = generate(pipe, m_prompts, m_seeds, steps, **kw)
-        row = {"method": name, **judge(gen, m_prompts), "seconds": secs, "time_vs_plain": secs / t_plain_m}
+        gen, reps, secs = generate(pipe, m_prompts, m_seeds, steps, gs, **kw)
+        base_secs = secs if name == "none" else base_secs  # arms run back to back: time against the "none" arm
+        row = {"method": name, **judge(gen, m_prompts), "seconds": secs, "time_vs_plain": secs / base_secs}
         row["triggered"] = float(np.mean([r.get("triggered", False) for r in reps]))
         results.append(row)
         grids[name] = gen
@@ -339,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     # ---- untriggered cost: held-out prompts under PRSS (mid level) vs plain CFG
-    gen_p, rep_hp, t_prss_h = generate(pipe, h_prompts, h_seeds, steps, **prss_kw)
-    gen_0, _, _ = generate(pipe, h_prompts, h_seeds, steps, prss=False)
+    gen_p, rep_hp, t_prss_h = generate(pipe, h_prompts, h_seeds, steps, gs, **prss_kw)
+    gen_0, _, t_plain_h = generate(pipe, h_prompts, h_seeds, steps, gs, prss=False)
     untrig = [i for i, r in enumerate(rep_hp) if not r["triggered"]]
     untriggered = {
         "triggered_fraction": 1 - len(untrig) / len(rep_hp),
@@ -352,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     combined = None
     if plus_run is not None:
         pipe2 = load_served_t2i(os.path.join(plus_run, "served"))
-        gen_a, _, _ = generate(pipe2, m_prompts, m_seeds, steps, prss=False)
-        gen_b, _, _ = generate(pipe2, m_prompts, m_seeds, steps, **prss_kw)
+        gen_a, _, _ = generate(pipe2, m_prompts, m_seeds, steps, gs, prss=False)
+        gen_b, _, _ = generate(pipe2, m_prompts, m_seeds, steps, gs, **prss_kw)
         combined = {
             "plain + none": next(r for r in results if r["method"] == "none"),
             "IET-AGC+ + none": judge(gen_a, m_prompts),
@@ -402,7 +414,8 @@ def write_markdown(s: dict[str, Any], out: str, command: str) -> None:
     lines += [
         "",
         f"{c['num_memorized']} memorized captions (each image x{c['duplicates']} in training), "
-        f"{c['gens_per_prompt']} generations each, {c['sample_steps']}-step DDIM, CFG 7.5; copy similarity: "
+        f"{c['gens_per_prompt']} generations each, {c['sample_steps']}-step DDIM, CFG {c['guidance_scale']}; "
+        "copy similarity: "
         f"{s['extractor']} cosine to the most similar training image, threshold "
         f"{s['copy_calibration']['threshold']:.3f} (calibrated: TPR {s['copy_calibration']['tpr']:.1%} at FPR "
         f"{s['copy_calibration']['fpr']:.1%}); alignment: {s['alignment_model']['name']}, cosine with the original "

@@ -40,7 +40,12 @@ def level(first: Sequence[float] | np.ndarray, per_step: Sequence[float] | np.nd
 
 
 def reference_magnitudes(
-    pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, batch_size: int = 32
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int,
+    batch_size: int = 32,
+    guidance_scale: float = 7.5,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(first-step m per image, every per-step m) of ``prompts`` sampled undefended by ``pipe``."""
     from .prss import PRSSOptions, sample
@@ -51,14 +56,21 @@ def reference_magnitudes(
         p, s = list(prompts[b : b + batch_size]), list(seeds[b : b + batch_size])
         _, reps = sample(
             pipe.eps, pipe.encode_prompts, sched, p, pipe.initial_noise(len(p), s), steps,
-            options=PRSSOptions(enabled=False), record_steps=True,
+            options=PRSSOptions(enabled=False, guidance_scale=guidance_scale), record_steps=True,
         )  # fmt: skip
         first += [r["magnitude"] for r in reps]
         per_step += [m for r in reps for m in r["m_steps"]]
     return np.asarray(first), np.asarray(per_step)
 
 
-def calibrate_run(run: str, q: float = 0.95, num_prompts: int = 64, steps: int = 50, seed: int = 0) -> dict[str, Any]:
+def calibrate_run(
+    run: str,
+    q: float = 0.95,
+    num_prompts: int = 64,
+    steps: int = 50,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+) -> dict[str, Any]:
     """Calibrate a text-to-image run's thresholds on its own training captions; writes RUN/prss/calibration.json."""
     from .checkpoint import RunDir
     from .data import load_captions
@@ -78,11 +90,18 @@ def calibrate_run(run: str, q: float = 0.95, num_prompts: int = 64, steps: int =
         pipe = load_served_t2i(local)
         if torch.cuda.is_available():
             pipe.to("cuda")
-        first, per_step = reference_magnitudes(pipe, chosen, list(range(len(chosen))), steps)
+        if guidance_scale is None:
+            from .config import build_config
+
+            guidance_scale = build_config(manifest["config"]).prss.guidance_scale
+        first, per_step = reference_magnitudes(
+            pipe, chosen, list(range(len(chosen))), steps, guidance_scale=guidance_scale
+        )
     out = {
         **level(first, per_step, q),
         "reference": f"{len(chosen)} training captions of the run",
         "steps": steps,
+        "guidance_scale": guidance_scale,
         "first_step_quantiles": {str(p): float(np.quantile(first, p)) for p in (0.5, 0.9, 0.95, 0.99)},
     }
     rd.store.write_text("prss/calibration.json", json.dumps(out, indent=2))
