@@ -234,6 +234,11 @@ def train(
             f"run directory {run_uri} already exists and is not empty: pass --resume to continue it, or another --out"
         )
 
+    try:  # the model must be buildable from the config (preset, pipeline dir, text encoder) before any work
+        unet_config(cfg)
+        build_scheduler(cfg)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        raise RunError(f"model: {exc}") from None
     connect(cfg)
     need = shard_resources(cfg)
     check_resources(cfg, need)

@@ -262,3 +262,18 @@ def test_calibrate_prss_sets_the_thresholds_sample_uses(t2i_run, tmp_path):
     assert level([1.0, 2.0, 3.0], [4.0, 6.0], 0.5) == {"q": 0.5, "lambda_ss": 2.0, "lambda_pr": 5.0, "tau": 5.0 * 5 / 3}
     with pytest.raises(ValueError, match="quantile"):
         level([1.0], [1.0], 1.0)
+
+
+def test_bad_pipeline_or_encoder_is_refused_before_the_run_dir(ray_cluster, tmp_path):
+    from memshard.driver import RunError, train
+
+    data = write_captioned_parquet(str(tmp_path / "c.parquet"), 8)
+    over = [o for o in TINY if not o.startswith("data.limit")]
+    bad = {"model": {"pipeline": str(tmp_path / "nope"), "text_encoder": "pipeline"}}
+    cfg = load_config(t2i_config(data, bad), over)
+    with pytest.raises(RunError, match="nope"):
+        train(cfg, out=str(tmp_path / "run1"))
+    cfg = load_config(t2i_config(data, {"model": {"text_encoder": str(tmp_path / "no-encoder")}}), over)
+    with pytest.raises(RunError, match="no-encoder"):
+        train(cfg, out=str(tmp_path / "run2"))
+    assert not (tmp_path / "run1").exists() and not (tmp_path / "run2").exists()
