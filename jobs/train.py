@@ -1,17 +1,12 @@
-"""Job entrypoint for `ray job submit`: a thin wrapper over `memshard train`.
+"""Job entrypoint for `ray job submit`: a thin wrapper over `memshard train` (same arguments).
 
-    ray job submit --working-dir . -- python jobs/train.py CONFIG --set key=value --out s3://bucket/runs/x
+    ray job submit --working-dir . -- python jobs/train.py ARGS...
 
-All outputs go to the run directory (--out / storage.run_dir), never to the job's
-working directory, which Ray deletes with the job.
+Outputs go to the run / sweep directory given in the arguments (local path or s3://), never
+to the job's working directory, which Ray deletes with the job.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from memshard.cli import main
+from _entry import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run("train")
