@@ -26,6 +26,7 @@ from .conditioning import cache_meta, load_empty, load_latents, load_text
 from .config import config_from_json
 from .data import load_rows
 from .proxy import Proxy, ShardData, resolve_device
+from .storage import S3Access, install_access
 from .text import TextCond
 from .unet import latent_shape
 
@@ -34,7 +35,16 @@ from .unet import latent_shape
 class ShardActor:
     """Trains the proxy of one shard, round after round."""
 
-    def __init__(self, config_json: str, run_uri: str, data_uri: str, shard_id: int, coordinator: str) -> None:
+    def __init__(
+        self,
+        config_json: str,
+        run_uri: str,
+        data_uri: str,
+        shard_id: int,
+        coordinator: str,
+        access: S3Access | None = None,
+    ) -> None:
+        install_access(access)  # before anything reads the run directory or the data
         self.cfg = config_from_json(config_json)
         self.run = RunDir(run_uri)
         self.data_uri = data_uri
@@ -139,7 +149,6 @@ class ShardActor:
         return {"raw": raw_w, "ema": ema_w, "size": len(data)}, {"summary": summary, "columns": result.as_columns()}
 
 
-@ray.remote(num_cpus=0)
 def aggregate_round(run_uri: str, round_id: int, weight_refs: list[ray.ObjectRef]) -> tuple[dict, dict | None]:
     """Size-weighted average of the proxies, streamed one proxy at a time; commits the weights.
 

@@ -31,6 +31,7 @@ from safetensors.torch import save as st_save
 from .config import MemshardConfig
 from .data import DataError, load_captions, load_columns, load_rows
 from .storage import Storage, filesystem
+from .tasks import remote_call
 from .text import TextCond, load_text_encoder
 
 CACHE_VERSION = 1
@@ -115,10 +116,6 @@ def _encode_latent_chunk(cfg_json: str, data_uri: str, cache: str, index: int, i
     return len(ids)
 
 
-_encode_text_remote = ray.remote(num_cpus=1)(_encode_text_chunk)
-_encode_latent_remote = ray.remote(num_cpus=1)(_encode_latent_chunk)
-
-
 def load_vae(pipeline_dir: str) -> Any:
     from diffusers import AutoencoderKL
 
@@ -143,11 +140,11 @@ def build_caches(cfg: MemshardConfig, data_uri: str, ids: np.ndarray, use_ray: b
     if not cfg.model.text_conditional:
         return out
     chunk = cfg.data.validate_rows_per_task
-    jobs = [("text", _encode_text_chunk, _encode_text_remote)]
+    jobs = [("text", _encode_text_chunk)]
     if is_latent(cfg):
-        jobs.append(("latent", _encode_latent_chunk, _encode_latent_remote))
+        jobs.append(("latent", _encode_latent_chunk))
     cfg_json = cfg.model_dump_json()
-    for kind, local_fn, remote_fn in jobs:
+    for kind, encode in jobs:
         uri = cache_uri(cfg, data_uri, kind)
         store = Storage(uri)
         ids_sha = hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
@@ -157,10 +154,10 @@ def build_caches(cfg: MemshardConfig, data_uri: str, ids: np.ndarray, use_ray: b
         store.remove("")
         chunks = [ids[i : i + chunk] for i in range(0, len(ids), chunk)]
         if use_ray:
-            ray.get([remote_fn.remote(cfg_json, data_uri, uri, i, c) for i, c in enumerate(chunks)])
+            ray.get([remote_call(encode, cfg_json, data_uri, uri, i, c) for i, c in enumerate(chunks)])
         else:
             for i, c in enumerate(chunks):
-                local_fn(cfg_json, data_uri, uri, i, c)
+                encode(cfg_json, data_uri, uri, i, c)
         meta: dict[str, Any] = {
             "version": CACHE_VERSION,
             "kind": kind,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -256,9 +256,30 @@ class ResourcesConfig(_Section):
 
 
 class StorageConfig(_Section):
-    """Where the run directory lives (local path or s3://)."""
+    """Where the run directory lives (local path or s3://), and how to reach S3.
+
+    Each S3 setting falls back to its environment variable (MEMSHARD_S3_ENDPOINT_URL or
+    AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+    AWS_PROFILE); on a cluster prefer an IAM role or a Kubernetes secret to either. The three
+    secrets are excluded from every dump of the config (manifest, `config show`, Tune trial
+    configs) and reach Ray workers as an actor/task argument, never through the runtime env.
+    """
 
     run_dir: str | None = Field(None, description="RUN directory; the CLI's --out overrides it.")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, moto, R2 ...).")
+    region: str | None = None
+    profile: str | None = Field(None, description="Named profile of ~/.aws/credentials (used without keys).")
+    access_key_id: SecretStr | None = Field(None, exclude=True)
+    secret_access_key: SecretStr | None = Field(None, exclude=True)
+    session_token: SecretStr | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _keys_in_pairs(self) -> StorageConfig:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("storage.access_key_id and storage.secret_access_key must be given together")
+        if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ValueError(f"storage.endpoint_url must start with http:// or https://, got {self.endpoint_url!r}")
+        return self
 
 
 class LoggingConfig(_Section):

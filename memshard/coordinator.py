@@ -24,6 +24,7 @@ from .config import config_from_json
 from .migration import MigrationPlan, SkipLedger, migrates_after, plan_migrations
 from .proxy import round_seed
 from .shard import shard_sizes, split
+from .storage import S3Access, install_access
 
 
 def merge_stats(parts: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -98,7 +99,8 @@ def migrate(
 
 @ray.remote(num_cpus=0)
 class Coordinator:
-    def __init__(self, run_uri: str, config_json: str) -> None:
+    def __init__(self, run_uri: str, config_json: str, access: S3Access | None = None) -> None:
+        install_access(access)
         self.run = RunDir(run_uri)
         self.cfg = config_from_json(config_json)
         self.num_shards = self.cfg.shards.count

@@ -51,6 +51,8 @@ from .ingest import Ingested, format_bad, ingest
 from .migration import migrates_after
 from .progress import RoundProgress, console
 from .proxy import steps_for
+from .storage import S3Access, access_installed
+from .tasks import remote_call
 from .tensorboard import RoundLogger
 from .unet import build_scheduler, build_unet, unet_config
 
@@ -172,7 +174,6 @@ def _create_run(
     return data_uri, manifest
 
 
-@ray.remote(num_cpus=0)
 def _publish_served(
     run_uri: str, weights: tuple[dict, dict | None], unet_cfg: dict, sched_cfg: dict, info: dict
 ) -> None:
@@ -219,7 +220,21 @@ def train(
     reports it to Tune there). If it raises, the run stops after that round, which stays
     committed, and the exception propagates.
     """
+    # S3 settings from the config (over the environment) hold for this call only; workers get them
+    # as an argument (remote_call, actor constructors), never through the runtime env.
+    with access_installed(S3Access.resolve(cfg.storage)):
+        return _train(cfg, out, resume, stop_after_s, on_round)
+
+
+def _train(
+    cfg: MemshardConfig,
+    out: str | None,
+    resume: bool,
+    stop_after_s: float | None,
+    on_round: Callable[[dict[str, Any]], None] | None,
+) -> TrainOutcome:
     call_t0 = time.perf_counter()
+    access = S3Access.resolve() or None
     run_uri = out or cfg.storage.run_dir or (None if resume else default_run_dir(cfg))
     if run_uri is None:
         raise RunError("--resume needs the run directory: pass --out RUN (or storage.run_dir)")
@@ -251,7 +266,7 @@ def train(
         name=coordinator_name,
         max_restarts=cfg.resources.actor_max_restarts,
         max_task_retries=cfg.resources.actor_max_restarts,
-    ).remote(run_uri, cfg.model_dump_json())
+    ).remote(run_uri, cfg.model_dump_json(), access)
 
     if not resume:
         workdir = tempfile.mkdtemp(prefix="memshard-data-")
@@ -274,6 +289,7 @@ def train(
 
     def info_of(r: int) -> dict[str, Any]:
         return {"round": r, "run": run_uri, "model": model_info}
+
     k = cfg.shards.count
 
     bundle = {r: v for r, v in need.items() if v > 0} or {"CPU": 0.001}
@@ -297,7 +313,7 @@ def train(
             max_restarts=cfg.resources.actor_max_restarts,
             max_task_retries=cfg.resources.actor_max_restarts,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index[i]),
-        ).remote(config_json, run_uri, data_uri, i, coordinator_name)
+        ).remote(config_json, run_uri, data_uri, i, coordinator_name, access)
         for i in range(k)
     ]
     tb: RoundLogger | None = None
@@ -310,7 +326,7 @@ def train(
         global_ref = ray.put(run.load_weights(committed))
         if resume and committed > 0:
             ray.get(
-                _publish_served.remote(run_uri, global_ref, unet_cfg, sched_cfg, info_of(committed))
+                remote_call(_publish_served, run_uri, global_ref, unet_cfg, sched_cfg, info_of(committed), num_cpus=0)
             )
         if committed >= cfg.train.rounds:
             console.print(f"run {run_uri} already has {committed} committed round(s); nothing to do")
@@ -329,7 +345,7 @@ def train(
                 outs = [a.train_round.remote(r, start_ref) for a in actors]
                 weight_refs = [o[0] for o in outs]
                 stat_refs = [o[1] for o in outs]
-                agg_ref = aggregate_round.remote(run_uri, r, weight_refs)
+                agg_ref = remote_call(aggregate_round, run_uri, r, weight_refs, num_cpus=0)
                 summary_ref = coordinator.record_round.remote(r, stat_refs)
                 _wait_with_progress([agg_ref, summary_ref], coordinator, progress, r)
                 summary = ray.get(summary_ref)
@@ -338,7 +354,7 @@ def train(
                 manifest["rounds"].append(summary)
                 manifest["rounds_completed"] = r
                 run.write_manifest(manifest)  # the commit point of round r
-                ray.get(_publish_served.remote(run_uri, agg_ref, unet_cfg, sched_cfg, info_of(r)))
+                ray.get(remote_call(_publish_served, run_uri, agg_ref, unet_cfg, sched_cfg, info_of(r), num_cpus=0))
                 progress.round_done(summary)
                 if tb is not None:
                     tb.log_round(summary)

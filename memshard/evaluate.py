@@ -37,6 +37,7 @@ from .data import load_rows
 from .extractor import FeatureExtractor
 from .metrics import calibrate_threshold, copy_similarity, fid_from_features, memorization_report
 from .sampling import ddim_sample, grid, load_served_unet, to_uint8
+from .tasks import remote_call
 
 
 @dataclass
@@ -86,9 +87,6 @@ def _generate_images(
     return to_uint8(imgs)
 
 
-_generate_chunk = ray.remote(_generate_images)
-
-
 def generate(
     run_uri: str,
     num: int,
@@ -114,8 +112,8 @@ def generate(
         count = min(per, num - start)
         lab = labels[start : start + count].tolist() if labels is not None else None
         refs.append(
-            _generate_chunk.options(**opts).remote(
-                run_uri, weights, start, count, steps, seed, lab, batch_size, round_id
+            remote_call(
+                _generate_images, run_uri, weights, start, count, steps, seed, lab, batch_size, round_id, options=opts
             )
         )
     return np.concatenate(ray.get(refs))

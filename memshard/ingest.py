@@ -14,7 +14,8 @@ import numpy as np
 import ray
 
 from .config import MemshardConfig
-from .data import ChunkReport, DataError, DatasetInfo, duplicate_ids, inspect_dataset, row_chunks, validate_chunk
+from .data import DataError, DatasetInfo, duplicate_ids, inspect_dataset, row_chunks, validate_chunk
+from .tasks import remote_call
 
 
 @dataclass
@@ -26,13 +27,6 @@ class Ingested:
     ids: np.ndarray
     labels: np.ndarray | None
     bad: list[tuple[int, str]] = field(default_factory=list)
-
-
-@ray.remote(num_cpus=1)
-def _validate_remote(
-    file_uri: str, start: int, stop: int, size: int, channels: int, num_classes: int | None
-) -> ChunkReport:
-    return validate_chunk(file_uri, start, stop, size, channels, num_classes)
 
 
 def format_bad(bad: list[tuple[int, str]], limit: int = 20) -> str:
@@ -55,7 +49,7 @@ def ingest(cfg: MemshardConfig, uri: str, use_ray: bool = True) -> Ingested:
     chunks = row_chunks(info, d.validate_rows_per_task)
     args = [(f, a, b, d.image_size, d.channels, d.num_classes) for f, a, b in chunks]
     if use_ray:
-        reports = ray.get([_validate_remote.remote(*a) for a in args])
+        reports = ray.get([remote_call(validate_chunk, *a) for a in args])
     else:
         reports = [validate_chunk(*a) for a in args]
     ids = np.concatenate([r.ids for r in reports]) if reports else np.zeros(0, np.int64)

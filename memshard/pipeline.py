@@ -238,4 +238,3 @@ def load_served_t2i(local_dir: str, unet_subfolder: str = "unet") -> PRSSMixin:
     if cls is None:
         return MemshardTextToImagePipeline.from_pretrained(local_dir, **kwargs)
     return cls.from_pretrained(local_dir, safety_checker=None, requires_safety_checker=False, **kwargs)
-

@@ -363,11 +363,13 @@ class MemshardServer:
         prss: dict[str, Any] | None,
         prss_sources: dict[str, str] | None,
         allow_no_prss: bool,
+        access: Any = None,
     ) -> None:
         import torch
 
-        from .storage import Storage
+        from .storage import Storage, install_access
 
+        install_access(access)  # the deploying process's S3 settings, before the run is read
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.run, self.weights = run, weights
         self.limits = ServeLimits(**limits)
@@ -598,7 +600,7 @@ def build_app(
     """
     import ray
 
-    from .storage import Storage
+    from .storage import S3Access, Storage
 
     if weights not in ("ema", "raw"):
         raise ConfigError(f"weights must be ema or raw, got {weights!r}")
@@ -625,7 +627,7 @@ def build_app(
         max_queued_requests=max_queued_requests,
         health_check_period_s=10,
     )
-    return deployment.bind(run, weights, asdict(limits), prss, sources, allow_no_prss)
+    return deployment.bind(run, weights, asdict(limits), prss, sources, allow_no_prss, S3Access.resolve() or None)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

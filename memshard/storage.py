@@ -6,7 +6,13 @@ manifest last. ``write_bytes`` is atomic from a reader's point of view on both b
 that trusts only the manifest never sees a half-written round.
 
 S3 endpoint, region and credentials come from the environment (AWS_* variables and
-``MEMSHARD_S3_ENDPOINT_URL``) so they never enter a config, a manifest or a log line.
+``MEMSHARD_S3_ENDPOINT_URL``) or from the config's ``storage`` section, config first. They
+reach Ray workers as an :class:`S3Access` argument that each actor or task installs into its
+own process (:func:`install_access`), not through the job's runtime env: Ray's runtime-env
+agent logs every serialized runtime env at INFO level (``runtime_env_agent.log``) and the
+dashboard shows it, so secrets placed there would be written to disk in clear. Only the
+non-secret endpoint and region would be safe there; the object-store path carries both.
+Secrets never enter a config dump, a manifest, ``repr`` or a log line.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +36,96 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+# Environment variable of each S3 setting; the first name is the one memshard sets.
+S3_ENV: dict[str, tuple[str, ...]] = {
+    "endpoint_url": ("MEMSHARD_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"),
+    "region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+    "access_key_id": ("AWS_ACCESS_KEY_ID",),
+    "secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
+    "session_token": ("AWS_SESSION_TOKEN",),
+    "profile": ("AWS_PROFILE",),
+}
+
+
+@dataclass(frozen=True)
+class S3Access:
+    """Where S3 is and who we are there; secrets are left out of ``repr`` (and so of logs)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def resolve(cls, storage_cfg: Any = None) -> S3Access:
+        """Config values (``storage.*``; secrets as pydantic ``SecretStr``) over the environment."""
+        values: dict[str, str | None] = {}
+        for name, env_names in S3_ENV.items():
+            value = getattr(storage_cfg, name, None) if storage_cfg is not None else None
+            if value is not None and hasattr(value, "get_secret_value"):
+                value = value.get_secret_value()
+            if value is None:
+                value = next((os.environ[e] for e in env_names if os.environ.get(e)), None)
+            values[name] = value or None
+        return cls(**values)
+
+    def env(self) -> dict[str, str]:
+        """The environment variables that carry these settings (secrets included: never log this)."""
+        return {S3_ENV[f.name][0]: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
+
+    def __bool__(self) -> bool:
+        return bool(self.env())
+
+
+def install_access(access: S3Access | None) -> None:
+    """Make ``access`` this process's S3 settings (a Ray worker's first act when given one)."""
+    if access:
+        os.environ.update(access.env())
+
+
+@contextmanager
+def access_installed(access: S3Access | None) -> Iterator[None]:
+    """``install_access`` for the duration of a block, then the environment as it was (the driver)."""
+    if not access:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in access.env()}
+    install_access(access)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def s3_options() -> dict[str, Any]:
-    """s3fs options from the environment (never from config files)."""
-    opts: dict[str, Any] = {}
-    endpoint = os.environ.get("MEMSHARD_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    """s3fs options from this process's environment (see :class:`S3Access`).
+
+    Credentials are passed explicitly, not left to botocore's lookup, so fsspec's instance
+    cache (keyed by these options) never hands out a filesystem built with other credentials.
+    Listings are not cached: several processes (driver, coordinator, shard actors) write the
+    same run directory, and a listing cached in one would hide or invent another's files.
+    """
+    access = S3Access.resolve()
+    opts: dict[str, Any] = {"use_listings_cache": False}
     client: dict[str, Any] = {}
-    if endpoint:
-        client["endpoint_url"] = endpoint
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        client["region_name"] = region
+    if access.endpoint_url:
+        client["endpoint_url"] = access.endpoint_url
+    if access.region:
+        client["region_name"] = access.region
     if client:
         opts["client_kwargs"] = client
+    if access.access_key_id and access.secret_access_key:
+        opts["key"], opts["secret"] = access.access_key_id, access.secret_access_key
+        if access.session_token:
+            opts["token"] = access.session_token
+    elif access.profile:
+        opts["profile"] = access.profile
     return opts
 
 

@@ -57,6 +57,7 @@ from .config import (
 from .driver import RunError, check_resources, connect, shard_bundles, shard_resources, train
 from .progress import console
 from .storage import Storage, is_remote
+from .tasks import remote_call
 
 RESULTS_CSV = "results.csv"
 PARETO_PNG = "pareto.png"
@@ -178,13 +179,6 @@ def round_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@ray.remote
-def _evaluate_task(run_uri: str, opts: Any) -> dict[str, Any]:
-    from .evaluate import evaluate
-
-    return evaluate(run_uri, opts)
-
-
 def evaluate_trial(cfg: MemshardConfig, sweep: SweepConfig, run_uri: str) -> dict[str, Any]:
     """Memorized fraction and FID of a finished trial's served model.
 
@@ -195,7 +189,7 @@ def evaluate_trial(cfg: MemshardConfig, sweep: SweepConfig, run_uri: str) -> dic
     from ray.util.placement_group import get_current_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from .evaluate import EvalOptions
+    from .evaluate import EvalOptions, evaluate
 
     opts = EvalOptions(
         num=sweep.eval_num,
@@ -214,7 +208,7 @@ def evaluate_trial(cfg: MemshardConfig, sweep: SweepConfig, run_uri: str) -> dic
         bundle = {r: v for r, v in need.items() if v > 0} or {"CPU": 0.001}
         index = shard_bundles(pg, bundle, cfg.shards.count)[0]
         task_options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
-    m = ray.get(_evaluate_task.options(**task_options).remote(run_uri, opts))
+    m = ray.get(remote_call(evaluate, run_uri, opts, options=task_options))
     out = {
         "memorized_fraction": float(m["memorized_fraction"]),
         "fid": float(m["fid"]),

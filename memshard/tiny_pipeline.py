@@ -80,7 +80,11 @@ def write_tiny_sd_pipeline(out: str, seed: int = 0, image_size: int = 32, max_le
         norm_num_groups=8,
     )
     scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
         steps_offset=1,
     )
     pipe = StableDiffusionPipeline(

@@ -1,4 +1,7 @@
 import os
+import socket
+import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -42,3 +45,36 @@ def real_emoji():
         if os.environ.get("CI"):
             pytest.fail(f"CI is set but the emoji set was not fetched by scripts/setup.sh: {exc}")
         pytest.skip(f"emoji set not fetched (run `python -m memshard.data.fetch emoji`): {exc}")
+
+
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture
+def s3_server() -> Iterator[str]:
+    """A real S3 API on loopback (moto's server mode on a free port); yields its endpoint URL."""
+    server_mod = pytest.importorskip("moto.server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on ``s3_server``, with endpoint and test credentials in this process's environment."""
+    boto3 = pytest.importorskip("boto3")
+    for key, value in {**S3_TEST_ENV, "MEMSHARD_S3_ENDPOINT_URL": s3_server}.items():
+        monkeypatch.setenv(key, value)
+    bucket = f"memshard-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return bucket

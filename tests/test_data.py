@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -511,32 +509,6 @@ def test_prepare_fashion_mnist(tmp_path: Path) -> None:
     assert len(set(rep.labels.tolist())) > 5  # the train split is shuffled: many classes in 100 rows
     _, images, _ = load_rows(str(out), np.arange(100, dtype=np.int64), 28, 1)
     assert images.shape == (100, 1, 28, 28) and images.max() > 200
-
-
-@pytest.fixture
-def s3_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A real S3 API (moto server on a free port) so the s3:// path runs through s3fs for real."""
-    server_mod = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "MEMSHARD_S3_ENDPOINT_URL": endpoint,
-    }.items():
-        monkeypatch.setenv(key, value)
-    bucket = f"memshard-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    try:
-        yield bucket
-    finally:
-        server.stop()
 
 
 def test_s3_round_trip(s3_bucket: str) -> None:

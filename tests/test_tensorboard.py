@@ -1,9 +1,6 @@
 """TensorBoard curves under RUN/tb/: tags, steps = round ids, resume continuity, s3:// upload."""
 
 import json
-import socket
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,32 +69,6 @@ def test_corrupt_event_file_is_reported(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="corrupt event record"):
         read_scalars(run)
-
-
-@pytest.fixture
-def s3_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A real S3 API (moto server on a free port), as in test_data.py."""
-    server_mod = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "MEMSHARD_S3_ENDPOINT_URL": endpoint,
-    }.items():
-        monkeypatch.setenv(key, value)
-    bucket = f"memshard-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    try:
-        yield bucket
-    finally:
-        server.stop()
 
 
 def test_s3_run_uploads_event_file_every_round(s3_bucket):
