@@ -280,6 +280,12 @@ def dockerfile_problems(df: Dockerfile, gpu: bool) -> list[str]:
         out.append("the project (/opt/memshard) is never pip-installed")
     elif torch and pips.index(torch[0]) > project[0]:
         out.append("torch must be installed before the project (or pip pulls a PyPI build)")
+    exposed = {p for e in df.all("EXPOSE") for p in e.split()}
+    for port, what in (("8265", "the job server (ray job submit)"), ("8000", "Ray Serve (memshard serve)")):
+        if port not in exposed:
+            out.append(f"EXPOSE {port} missing: {what}")
+    if not any("ray.serve" in r for r in df.runs()):
+        out.append("the image build never imports ray.serve (memshard serve would fail on the cluster)")
     ops = [op for op, _ in df.instructions]
     users = df.all("USER")
     if not users or ops[-1] != "USER":
@@ -448,6 +454,8 @@ def test_dockerfile_checker_catches_mistakes() -> None:
     assert dockerfile_problems(Dockerfile(gpu + "USER root\n"), gpu=True)
     assert dockerfile_problems(Dockerfile(cpu + "RUN true\n"), gpu=False)
     assert dockerfile_problems(Dockerfile(cpu + "ENV AWS_SECRET_ACCESS_KEY=x\nUSER 1000\n"), gpu=False)
+    assert any("EXPOSE 8000" in p for p in dockerfile_problems(Dockerfile(gpu.replace("8265 8000", "8265")), gpu=True))
+    assert any("ray.serve" in p for p in dockerfile_problems(Dockerfile(cpu.replace("ray.serve, ", "")), gpu=False))
     assert AUTH_DISABLED.search("env:\n  - name: RAY_AUTH_MODE\n    value: disabled\n")
     assert AUTH_DISABLED.search("export RAY_AUTH_MODE=disabled")
     assert not AUTH_DISABLED.search("--env RAY_AUTH_MODE=token")
