@@ -25,7 +25,7 @@ from .checkpoint import RunDir
 from .conditioning import cache_meta, load_empty, load_latents, load_text
 from .config import config_from_json
 from .data import load_rows
-from .proxy import Proxy, ShardData, resolve_device
+from .proxy import NONFINITE_IDS_SHOWN, Proxy, ShardData, resolve_device
 from .storage import S3Access, install_access
 from .text import TextCond
 from .unet import latent_shape
@@ -130,7 +130,12 @@ class ShardActor:
             except Exception:  # progress is best effort; training must not fail for it
                 self._coordinator = None
 
-        result = self.proxy.train_round(round_id, data, on_progress=progress)
+        try:
+            result = self.proxy.train_round(round_id, data, on_progress=progress)
+        except BaseException:
+            # the proxy stopped part-way (e.g. NonFiniteLossError): a retry must reload the committed state
+            self.state_round = None
+            raise
         train_s = time.perf_counter() - start
         tensors, meta = self.proxy.state()
         self.run.save_proxy_state(round_id, self.shard_id, tensors, meta)
@@ -143,9 +148,12 @@ class ShardActor:
             "loss": result.mean_batch_loss,
             "skip_rate": result.skip_rate,
             "extra_steps": result.extra_steps,
+            "nonfinite_steps": result.nonfinite_steps,  # skipped for a NaN/inf loss (part of steps)
             "train_s": train_s,
             "images_per_s": result.steps * self.cfg.train.batch_size / max(train_s, 1e-9),
         }
+        if result.nonfinite_ids is not None and len(result.nonfinite_ids):
+            summary["nonfinite_ids"] = result.nonfinite_ids[:NONFINITE_IDS_SHOWN].tolist()
         return {"raw": raw_w, "ema": ema_w, "size": len(data)}, {"summary": summary, "columns": result.as_columns()}
 
 

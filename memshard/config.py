@@ -158,6 +158,13 @@ class TrainConfig(_Section):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress_every: int = Field(10, ge=1, description="Steps between progress reports to the coordinator.")
+    max_nonfinite_steps: int = Field(
+        10,
+        ge=0,
+        description="Optimizer steps whose batch had a NaN/inf loss are skipped (no weight, EMA or memory-bank "
+        "change) and counted per proxy over the whole run; once a proxy has skipped more than this many, training "
+        "stops with an error naming the shard, round and offending sample ids (checked every progress_every steps).",
+    )
 
 
 class AGCConfig(_Section):

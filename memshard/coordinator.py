@@ -62,6 +62,7 @@ def round_summary(round_id: int, parts: list[dict[str, Any]], stats: dict[str, n
         "skips": skips,
         "samples_skipped_once": int((stats["skips"] > 0).sum()),
         "steps": steps,
+        "nonfinite_steps": sum(s.get("nonfinite_steps", 0) for s in summaries),
         "shards": summaries,
     }
 

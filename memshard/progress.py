@@ -23,6 +23,8 @@ def summary_line(s: dict[str, Any], rounds: int | None = None) -> str:
         line += f"  migrated {s.get('migrated', 0)}"
     if s.get("augmented"):
         line += f"  augmented {s['augmented']} (mean strength {s['mean_strength']:.2f})"
+    if s.get("nonfinite_steps"):
+        line += f"  non-finite loss: {s['nonfinite_steps']} steps skipped"
     return line
 
 

@@ -9,6 +9,12 @@ Determinism: every random choice of round r on shard i (data order, timesteps, n
 dropout) comes from generators seeded by ``round_seed(seed, r, i)``. Redoing a round from
 the same committed state therefore gives bit-identical results on CPU, which is what
 makes ``train_round`` idempotent and ``--resume`` exact.
+
+Non-finite losses: a batch with a NaN/inf per-sample loss is skipped whole (weights,
+optimizer moments, EMA, memory bank and statistics stay as if it never came), counted in
+``nonfinite_steps`` and the ids of its offending samples remembered; past
+``train.max_nonfinite_steps`` such steps the proxy raises :class:`NonFiniteLossError`. The
+check adds no host synchronisation per step where the optimizer is fused (CUDA).
 """
 
 from __future__ import annotations
@@ -27,6 +33,43 @@ from .text import TextCond
 from .unet import build_scheduler, build_unet
 
 StateDict = dict[str, torch.Tensor]
+
+NONFINITE_IDS_KEPT = 1000  # offending ids remembered per proxy (state meta); the error lists the first 20
+NONFINITE_IDS_SHOWN = 20
+
+
+class NonFiniteLossError(RuntimeError):
+    """More optimizer steps had a NaN/inf loss than ``train.max_nonfinite_steps`` allows."""
+
+
+class _CounterProbe:
+    """Reads a growing device counter at progress points without stalling the device.
+
+    On CPU the read is exact and free. On CUDA a read would wait for every queued kernel, so
+    each probe starts an asynchronous copy into pinned memory and returns the value of an
+    earlier copy once its event has completed: a lower bound that lags by a probe or two
+    (the exact count is read at the end of the round, where the loop synchronises anyway).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.value = 0
+        if self.cuda:
+            self.host = torch.zeros((), dtype=torch.int64).pin_memory()
+            self.event = torch.cuda.Event()
+            self.in_flight = False
+
+    def read(self, counter: torch.Tensor) -> int:
+        if not self.cuda:
+            return int(counter)
+        if self.in_flight:
+            if not self.event.query():
+                return self.value
+            self.value = int(self.host)
+        self.host.copy_(counter, non_blocking=True)
+        self.event.record()
+        self.in_flight = True
+        return self.value
 
 
 def round_seed(seed: int, round_id: int, shard_id: int) -> int:
@@ -90,6 +133,8 @@ class RoundResult:
     augmented: np.ndarray | None = None  # TAA: augmented visits per sample
     mean_strength: np.ndarray | None = None  # TAA: mean strength s over kept visits; NaN if none
     extra_steps: int = 0  # TAA queue mode: optimizer steps taken on augmented batches (part of ``steps``)
+    nonfinite_steps: int = 0  # steps of this round skipped for a NaN/inf loss (part of ``steps``)
+    nonfinite_ids: np.ndarray | None = None  # ids of the samples whose loss was NaN/inf this round
 
     def as_columns(self) -> dict[str, np.ndarray]:
         n = len(self.ids)
@@ -162,7 +207,8 @@ class Proxy:
         self.step = 0  # optimizer steps taken by this proxy over all rounds
         self.taa_strength: dict[int, float] = {}  # TAA inline mode: last strength per sample id
         self.last_round_seed: int | None = None
-        self.nonfinite_steps = 0
+        self.nonfinite_steps = 0  # steps skipped for a NaN/inf loss over all rounds
+        self.nonfinite_ids: list[int] = []  # their offending sample ids, sorted, at most NONFINITE_IDS_KEPT
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
@@ -243,6 +289,7 @@ class Proxy:
         meta = {
             "step": self.step,
             "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_ids": self.nonfinite_ids,
             "rng": {"scheme": "sha256(seed,round,shard)", "last_round_seed": self.last_round_seed},
         }
         if self.scaler is not None:
@@ -262,6 +309,7 @@ class Proxy:
             self.load_global(own_raw, own_ema or None)
         self.step = int(meta["step"])
         self.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
+        self.nonfinite_ids = [int(x) for x in meta.get("nonfinite_ids", [])]
         current = self.optimizer.state_dict()
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
@@ -285,7 +333,14 @@ class Proxy:
         steps: int | None = None,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> RoundResult:
-        """Train ``steps`` optimizer steps on ``data``; returns per-sample statistics."""
+        """Train ``steps`` optimizer steps on ``data``; returns per-sample statistics.
+
+        A step whose batch has a NaN/inf loss is skipped and leaves no trace in the statistics
+        (its samples are not counted as visited); it still uses up a step of the budget and its
+        random draws, so the other batches train exactly as they would have. Raises
+        :class:`NonFiniteLossError` once this proxy has skipped more than
+        ``train.max_nonfinite_steps`` steps (checked every ``progress_every`` steps and at the end).
+        """
         cfg = self.cfg
         n = len(data)
         if n == 0:
@@ -307,6 +362,11 @@ class Proxy:
         ratio_n = torch.zeros(n, dtype=torch.int64, device=self.device)
         batch_loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         report_every = cfg.train.progress_every
+        # non-finite losses, counted on the device: read at progress points (probe) and at the end
+        bad_visits = torch.zeros(n, dtype=torch.int64, device=self.device)  # NaN/inf losses per sample
+        bad_steps = torch.zeros((), dtype=torch.int64, device=self.device)  # steps skipped for them
+        good_batches = torch.zeros((), dtype=torch.int64, device=self.device)  # regular batches that stepped
+        probe = _CounterProbe(self.device)
 
         taa = cfg.taa if (cfg.taa.enabled and cfg.agc.enabled) else None
         aug_gen = torch.Generator(device=self.device).manual_seed(seed ^ 0x7AA)  # TAA's own stream
@@ -340,20 +400,27 @@ class Proxy:
                     taa.num_ops,
                     clamp=not data.latent,
                 )
-                augmented.index_add_(0, idx, (s_prev > 0).to(torch.int64))
-            per, keep, ratio, bank_before = self._step(x0, noise, t, cond, self.lr_at(self.step, warmup))
-            visits.index_add_(0, idx, torch.ones_like(idx))
-            skips.index_add_(0, idx, (~keep).to(torch.int64))
-            loss_sum.index_add_(0, idx, per.double())
-            finite = torch.isfinite(ratio)
+            per, keep, ratio, bank_before, ok = self._step(x0, noise, t, cond, self.lr_at(self.step, warmup))
+            # a skipped (non-finite) batch adds nothing: every update below is masked by ``ok``
+            stepped = ok.to(torch.int64)
+            bad_steps += 1 - stepped
+            good_batches += stepped
+            bad_visits.index_add_(0, idx, (~torch.isfinite(per)).to(torch.int64))
+            visits.index_add_(0, idx, torch.ones_like(idx) * stepped)
+            skips.index_add_(0, idx, (~keep & ok).to(torch.int64))
+            loss_sum.index_add_(0, idx, torch.where(ok, per, 0.0).double())
+            finite = torch.isfinite(ratio) & ok
             ratio_sum.index_add_(0, idx, torch.where(finite, ratio, torch.zeros_like(ratio)).double())
             ratio_n.index_add_(0, idx, finite.to(torch.int64))
-            batch_loss_sum += per.double().mean()
+            batch_loss_sum += torch.where(ok, per.double().mean(), 0.0)
             self.step += 1
             i += 1
             if taa is not None:
+                if taa.mode == "inline":
+                    augmented.index_add_(0, idx, ((s_prev > 0) & ok).to(torch.int64))
                 s_new = augment.strength(per, bank_before, t, cfg.agc.ratio, taa.alpha)
-                k_idx, k_s = idx[keep], s_new[keep]
+                kept = keep & ok
+                k_idx, k_s = idx[kept], s_new[kept]
                 strength_sum.index_add_(0, k_idx, k_s.double())
                 strength_n.index_add_(0, k_idx, torch.ones_like(k_idx))
                 if taa.mode == "inline":
@@ -366,11 +433,16 @@ class Proxy:
                         take, rest = rows[:queue_size], rows[queue_size:]
                         queue, queued = ([rest] if len(rest) else []), len(rest)
                         q_idx = take[:, 0].long()
-                        self._augmented_step(data, q_idx, take[:, 1].float(), taa, gen, aug_gen, warmup)
-                        augmented.index_add_(0, q_idx, torch.ones_like(q_idx))
+                        q_finite = self._augmented_step(data, q_idx, take[:, 1].float(), taa, gen, aug_gen, warmup)
+                        q_stepped = q_finite.all().to(torch.int64)
+                        bad_steps += 1 - q_stepped
+                        bad_visits.index_add_(0, q_idx, (~q_finite).to(torch.int64))
+                        augmented.index_add_(0, q_idx, torch.ones_like(q_idx) * q_stepped)
                         self.step += 1
                         i += 1
                         extra_steps += 1
+            if i % report_every == 0 and i < steps:
+                self._check_nonfinite(round_id, self.nonfinite_steps + probe.read(bad_steps), data, bad_visits)
             if on_progress is not None and (i % report_every == 0 or i >= steps):
                 on_progress(min(i, steps), steps)
 
@@ -380,6 +452,11 @@ class Proxy:
                     self.taa_strength[int(sid)] = float(val)
 
         # one device->host copy per round
+        round_bad = int(bad_steps)
+        round_bad_ids = data.ids[bad_visits.cpu().numpy() > 0].astype(np.int64)
+        self.nonfinite_steps += round_bad
+        self.nonfinite_ids = sorted(set(self.nonfinite_ids) | set(round_bad_ids.tolist()))[:NONFINITE_IDS_KEPT]
+        self._check_nonfinite(round_id, self.nonfinite_steps)
         v = visits.cpu().numpy()
         s = skips.cpu().numpy()
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -395,11 +472,36 @@ class Proxy:
             mean_loss=mean_loss.astype(np.float64),
             mean_ratio=mean_ratio.astype(np.float64),
             steps=steps,
-            mean_batch_loss=float(batch_loss_sum.item() / max(regular, 1)),
+            mean_batch_loss=float(batch_loss_sum.item() / max(int(good_batches), 1)),
             skip_rate=float(s.sum() / max(v.sum(), 1)),
             augmented=augmented.cpu().numpy().astype(np.int64),
             mean_strength=mean_strength.astype(np.float64),
             extra_steps=extra_steps,
+            nonfinite_steps=round_bad,
+            nonfinite_ids=round_bad_ids,
+        )
+
+    def _check_nonfinite(
+        self, round_id: int, total: int, data: ShardData | None = None, bad_visits: torch.Tensor | None = None
+    ) -> None:
+        """Raise :class:`NonFiniteLossError` if ``total`` skipped steps exceed the configured limit.
+
+        Mid-round (``data`` given) this round's offending ids are read from ``bad_visits`` and
+        added to those remembered from earlier rounds; at the end they are already remembered.
+        """
+        limit = self.cfg.train.max_nonfinite_steps
+        if total <= limit:
+            return
+        ids = set(self.nonfinite_ids)
+        if data is not None and bad_visits is not None:
+            ids |= set(data.ids[bad_visits.cpu().numpy() > 0].tolist())
+        shown = sorted(ids)[:NONFINITE_IDS_SHOWN]
+        more = f" and {len(ids) - len(shown)} more" if len(ids) > len(shown) else ""
+        raise NonFiniteLossError(
+            f"shard {self.shard_id}, round {round_id}: {total} optimizer steps had a non-finite (NaN/inf) loss "
+            f"and were skipped, more than train.max_nonfinite_steps={limit}. Sample ids with a non-finite loss: "
+            f"{shown}{more}. Check those samples (corrupt image, latent or caption) and the learning rate, or raise "
+            "train.max_nonfinite_steps to tolerate more."
         )
 
     def _targets(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -437,20 +539,38 @@ class Proxy:
                 return self.unet(xt, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
             return self.unet(xt, t, class_labels=cond).sample
 
-    def _optimizer_step(self, loss: torch.Tensor | None, lr: float) -> None:
-        """Backward ``loss`` (None: every sample was skipped, zero gradients) and step.
+    @property
+    def _skips_on_device(self) -> bool:
+        """Whether a non-finite step is skipped by the optimizer kernel itself (fused optimizers: CUDA)."""
+        return bool(self.optimizer.defaults.get("fused"))
+
+    def _optimizer_step(self, loss: torch.Tensor | None, lr: float, ok: torch.Tensor) -> None:
+        """Backward ``loss`` (None: every sample was skipped, zero gradients) and step, if ``ok``.
 
         A batch with every sample skipped still steps (spec): with zero gradients Adam's
         moments decay and the parameters move by their momentum, as in the masked-loss form.
+
+        ``ok`` (a 0-dim bool on the device) False means the batch had a non-finite loss: the
+        weights, Adam's moments and step count, and the EMA stay exactly as they were. With a
+        fused optimizer (CUDA) this is decided on the device, so no step waits for the host:
+        the kernel skips its update when ``found_inf`` is set (the mechanism GradScaler uses)
+        and the EMA moves towards weights chosen by ``torch.where``. Otherwise (the for-loop
+        optimizer on CPU, where reading a flag costs nothing) the flag is read and the backward
+        not even run. With fp16's GradScaler the scaler's own overflow check does the skip (the
+        loss is made NaN), which also backs off its scale once.
         """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        on_device = self._skips_on_device
+        if not on_device and not bool(ok):
+            return
         if loss is None:
             for p in self.unet.parameters():
                 if p.requires_grad:
                     p.grad = torch.zeros_like(p)
         elif self.scaler is not None:
-            self.scaler.scale(loss).backward()
+            # + 0.0 is exact; + NaN makes the scaler see non-finite gradients and skip the step
+            self.scaler.scale(loss + torch.where(ok, 0.0, float("nan"))).backward()
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
@@ -459,17 +579,24 @@ class Proxy:
         if self.scaler is not None and loss is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        elif on_device:
+            self.optimizer.found_inf = (~ok).to(torch.float32)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
         else:
             self.optimizer.step()
         if self.ema is not None:
-            self._update_ema()
+            self._update_ema(ok if on_device else None)
 
     def _step(
         self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: Cond, lr: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One optimizer step with the AGC rule.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step with the AGC rule, skipped if any per-sample loss is NaN/inf.
 
-        Returns (per-sample loss, keep mask, loss ratio, the bank the decision used). With
+        Returns (per-sample loss, keep mask, loss ratio, the bank the decision used, whether
+        the step was taken: a 0-dim bool on the device). With
         ``agc.decide_before_backward`` the decision comes from a no-grad forward and only the
         kept samples are forwarded again with gradients, so skipped samples cost no backward;
         the loss is then the mean over kept samples, which is exactly the masked loss.
@@ -481,9 +608,10 @@ class Proxy:
         if cfg.agc.enabled and cfg.agc.decide_before_backward:
             with torch.no_grad():
                 per = skip.per_sample_loss(self._forward(xt, t, cond), target)
+            ok = torch.isfinite(per).all()
             keep = skip.keep_mask(per, self.bank, t, cfg.agc.ratio)
             loss = None
-            if bool(keep.any()):
+            if bool(keep.any() & ok):  # this mode reads the mask anyway; a skipped batch needs no second forward
                 sel = keep.nonzero().squeeze(1)
                 loss = skip.per_sample_loss(self._forward(xt[sel], t[sel], select(cond, sel)), target[sel]).mean()
         else:
@@ -495,12 +623,14 @@ class Proxy:
                 else torch.ones_like(per, dtype=torch.bool)
             )
             loss = skip.masked_loss(per_g, keep)
+            ok = torch.isfinite(per).all()
         ratio = skip.loss_ratio(per, self.bank, t)
-        self._optimizer_step(loss, lr)
+        self._optimizer_step(loss, lr, ok)
         # The bank sees every sample, skipped or not, after the mask was taken. It is kept
-        # even with AGC off, so a baseline run records the same loss-ratio statistics.
-        self.bank = skip.update_bank(self.bank, per, t, cfg.agc.bank_decay)
-        return per, keep, ratio, bank_before
+        # even with AGC off, so a baseline run records the same loss-ratio statistics. A
+        # non-finite batch leaves it untouched: one NaN in m[t] would skip timestep t forever.
+        self.bank = torch.where(ok, skip.update_bank(self.bank, per, t, cfg.agc.bank_decay), self.bank)
+        return per, keep, ratio, bank_before, ok
 
     def _augmented_step(
         self,
@@ -511,11 +641,12 @@ class Proxy:
         gen: torch.Generator,
         aug_gen: torch.Generator,
         warmup: int,
-    ) -> None:
+    ) -> torch.Tensor:
         """TAA queue mode: one extra optimizer step on queued kept samples, augmented by strength.
 
         Plain diffusion loss (no skipping, no bank update): these samples were kept moments
-        ago, and feeding augmented losses into the bank would bias the skip threshold.
+        ago, and feeding augmented losses into the bank would bias the skip threshold. Returns
+        which per-sample losses were finite; if any was not, the step was skipped.
         """
         x0 = augment.augment(
             data.x0(idx),
@@ -529,16 +660,20 @@ class Proxy:
         noise = torch.randn(x0.shape, generator=gen, device=self.device)
         xt, target = self._targets(x0, noise, t)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = skip.per_sample_loss(self._forward(xt, t, cond), target).mean()
-        self._optimizer_step(loss, self.lr_at(self.step, warmup))
+        per = skip.per_sample_loss(self._forward(xt, t, cond), target)
+        finite = torch.isfinite(per.detach())
+        self._optimizer_step(per.mean(), self.lr_at(self.step, warmup), finite.all())
+        return finite
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
+    def _update_ema(self, ok: torch.Tensor | None = None) -> None:
+        """EMA <- lerp(EMA, weights); with ``ok`` False (on the device) towards the EMA itself: no change."""
         decay = self.cfg.train.ema_decay
         state = self.unet.state_dict()
         floats = [(self.ema[k], v) for k, v in state.items() if v.is_floating_point()]
         if floats:
-            torch._foreach_lerp_([e for e, _ in floats], [v.detach() for _, v in floats], 1.0 - decay)
+            ends = [v.detach() if ok is None else torch.where(ok, v.detach(), e) for e, v in floats]
+            torch._foreach_lerp_([e for e, _ in floats], ends, 1.0 - decay)
         for k, v in state.items():
             if not v.is_floating_point():
                 self.ema[k].copy_(v)
