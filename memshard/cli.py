@@ -404,12 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .checkpoint import WeightsError
     from .data import DataError
     from .driver import RunError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, RunError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, RunError, WeightsError, FileNotFoundError) as exc:
         print(f"memshard: error: {exc}", file=sys.stderr)
         return 2
 

@@ -120,7 +120,8 @@ def load_vae(pipeline_dir: str) -> Any:
     from diffusers import AutoencoderKL
 
     with Storage(pipeline_dir).local_copy("vae") as local:
-        return AutoencoderKL.from_pretrained(local, low_cpu_mem_usage=False).eval().requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(local, low_cpu_mem_usage=False, use_safetensors=True)
+        return vae.eval().requires_grad_(False)
 
 
 @dataclass

@@ -259,7 +259,15 @@ class ResourcesConfig(_Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     placement_timeout_s: float = Field(600.0, gt=0, description="Wait this long for shard resources, then fail.")
     local_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster started by memshard.")
-    actor_max_restarts: int = Field(3, ge=0)
+    actor_max_restarts: int = Field(
+        3, ge=0, description="Ray restarts a killed shard actor or coordinator this often; the round is redone."
+    )
+    stall_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Fail (committed rounds kept) when a round shows no progress for this long, e.g. a shard "
+        "actor waiting to be restarted on a node that is gone.",
+    )
 
 
 class StorageConfig(_Section):

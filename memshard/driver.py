@@ -54,7 +54,7 @@ from .proxy import steps_for
 from .storage import S3Access, access_installed
 from .tasks import remote_call
 from .tensorboard import RoundLogger
-from .unet import build_scheduler, build_unet, unet_config
+from .unet import build_scheduler, build_unet, unet_config, unet_shapes
 
 # Keys that may change when a run is resumed (everything else must match the stored config).
 RESUMABLE_KEYS = ("train.rounds", "logging", "resources", "storage", "sample", "sweep")
@@ -268,19 +268,24 @@ def _train(
         max_task_retries=cfg.resources.actor_max_restarts,
     ).remote(run_uri, cfg.model_dump_json(), access)
 
-    if not resume:
-        workdir = tempfile.mkdtemp(prefix="memshard-data-")
-        try:
-            data_local, ingested = _prepare_data(cfg, workdir, use_ray=use_ray_tasks)
-            if ingested.bad:
-                console.print(f"[yellow]dropped {len(ingested.bad)} bad row(s):[/yellow]\n{format_bad(ingested.bad)}")
-            data_uri, manifest = _create_run(cfg, run, data_local, ingested, coordinator, use_ray=use_ray_tasks)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-    else:
-        data_uri = manifest["data_uri"]
-        run.discard_uncommitted(int(manifest["rounds_completed"]))
-        manifest["config"] = cfg.to_dict()
+    try:
+        if not resume:
+            workdir = tempfile.mkdtemp(prefix="memshard-data-")
+            try:
+                data_local, ingested = _prepare_data(cfg, workdir, use_ray=use_ray_tasks)
+                if ingested.bad:
+                    bad = format_bad(ingested.bad)
+                    console.print(f"[yellow]dropped {len(ingested.bad)} bad row(s):[/yellow]\n{bad}")
+                data_uri, manifest = _create_run(cfg, run, data_local, ingested, coordinator, use_ray=use_ray_tasks)
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            data_uri = manifest["data_uri"]
+            run.discard_uncommitted(int(manifest["rounds_completed"]))
+            manifest["config"] = cfg.to_dict()
+    except BaseException:
+        ray.kill(coordinator)  # refused data or a failed set-up: no actor outlives the call
+        raise
 
     committed = int(manifest["rounds_completed"])
     unet_cfg = unet_config(cfg)
@@ -323,7 +328,7 @@ def _train(
             tb = RoundLogger(run_uri, purge_step=committed if committed > 0 else None)
             if committed > 0 and manifest["rounds"]:
                 tb.log_round(manifest["rounds"][-1])
-        global_ref = ray.put(run.load_weights(committed))
+        global_ref = ray.put(run.load_weights(committed, expected=unet_shapes(cfg)))
         if resume and committed > 0:
             ray.get(
                 remote_call(_publish_served, run_uri, global_ref, unet_cfg, sched_cfg, info_of(committed), num_cpus=0)
@@ -347,7 +352,7 @@ def _train(
                 stat_refs = [o[1] for o in outs]
                 agg_ref = remote_call(aggregate_round, run_uri, r, weight_refs, num_cpus=0)
                 summary_ref = coordinator.record_round.remote(r, stat_refs)
-                _wait_with_progress([agg_ref, summary_ref], coordinator, progress, r)
+                _wait_with_progress([agg_ref, summary_ref], coordinator, progress, r, cfg.resources.stall_timeout_s)
                 summary = ray.get(summary_ref)
                 summary["round_s"] = time.perf_counter() - t0
                 summary["images_per_s"] = summary["steps"] * cfg.train.batch_size / summary["round_s"]
@@ -393,14 +398,39 @@ def starts_from_own_weights(cfg: MemshardConfig, r: int) -> bool:
     return cfg.msr.enabled and not cfg.msr.aggregate_on_migration and migrates_after(r, cfg.train.rounds, cfg.msr.every)
 
 
-def _wait_with_progress(refs: list[ray.ObjectRef], coordinator: Any, progress: RoundProgress, r: int) -> None:
+def _wait_with_progress(
+    refs: list[ray.ObjectRef], coordinator: Any, progress: RoundProgress, r: int, stall_timeout_s: float
+) -> None:
+    """Wait for round ``r``'s results, updating the progress display.
+
+    Fails with a RunError (the committed rounds stay; ``--resume`` continues) when a shard
+    actor is dead for good (its restarts used up) or when nothing has moved for
+    ``stall_timeout_s``: a restarted actor waiting for a node that never comes back would
+    otherwise hang the run forever.
+    """
     pending = list(refs)
+    last_state: Any = None
+    last_change = time.monotonic()
     while pending:
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
         try:
             state = ray.get(coordinator.progress.remote(), timeout=5)
-        except ray.exceptions.GetTimeoutError:
-            continue
-        done = sum(d for (rr, d, _t) in state.values() if rr == r)
-        progress.update(done)
-    ray.get(refs)  # re-raise any task error here
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+            state = last_state  # the coordinator is restarting; its calls are retried
+        if state != last_state:
+            last_state, last_change = state, time.monotonic()
+            progress.update(sum(d for (rr, d, _t) in (state or {}).values() if rr == r))
+        elif pending and time.monotonic() - last_change > stall_timeout_s:
+            raise RunError(
+                f"round {r} made no progress for {stall_timeout_s:g}s (resources.stall_timeout_s): a shard actor "
+                f"may be waiting for resources that are gone (a lost node?); cluster has {ray.available_resources()}. "
+                f"Rounds up to {r - 1} are committed; rerun with --resume when the cluster is whole again."
+            )
+    try:
+        ray.get(refs)  # re-raise any task error here
+    except ray.exceptions.RayActorError as exc:
+        raise RunError(
+            f"round {r}: an actor died and could not be restarted (resources.actor_max_restarts used up, or its "
+            f"node is gone): {str(exc).splitlines()[0][:300]}. Rounds up to {r - 1} are committed; rerun with "
+            "--resume to continue."
+        ) from exc

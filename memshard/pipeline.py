@@ -203,6 +203,7 @@ def write_served_t2i(out: str, unet: Any, scheduler_config: dict[str, Any], mode
             feature_extractor=None,
             requires_safety_checker=False,
             low_cpu_mem_usage=False,
+            use_safetensors=True,
         )
         pipe.save_pretrained(out, safe_serialization=True)
         return
@@ -217,24 +218,37 @@ def write_served_t2i(out: str, unet: Any, scheduler_config: dict[str, Any], mode
     pipe = MemshardTextToImagePipeline(
         unet=unet,
         scheduler=DDIMScheduler.from_config(scheduler_config),
-        text_encoder=AutoModel.from_pretrained(path, low_cpu_mem_usage=False),
+        text_encoder=AutoModel.from_pretrained(path, low_cpu_mem_usage=False, use_safetensors=True),
         tokenizer=tokenizer,
     )
     pipe.save_pretrained(out, safe_serialization=True)
 
 
 def load_served_t2i(local_dir: str, unet_subfolder: str = "unet") -> PRSSMixin:
-    """Load a served text-to-image directory with the PRSS-capable class matching its layout."""
+    """Load a served text-to-image directory with the PRSS-capable class matching its layout.
+
+    Every component is read from safetensors only (``use_safetensors=True``: a pickle ``.bin``
+    planted in the directory is never unpickled), and the UNet's tensor shapes are checked
+    against its config first (:class:`~memshard.checkpoint.WeightsError` naming the tensor).
+    """
     import json
 
+    from .checkpoint import check_model_dir
+    from .storage import Storage
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    check_model_dir(Storage(local_dir), unet_subfolder, f"served model {local_dir}")
     index = json.loads(open(os.path.join(local_dir, "model_index.json")).read())
     cls = PRSSStableDiffusionPipeline if index.get("_class_name") == "StableDiffusionPipeline" else None
     kwargs: dict[str, Any] = {}
     if unet_subfolder != "unet":
         from diffusers import UNet2DConditionModel
 
-        kwargs["unet"] = UNet2DConditionModel.from_pretrained(os.path.join(local_dir, unet_subfolder))
+        kwargs["unet"] = UNet2DConditionModel.from_pretrained(
+            os.path.join(local_dir, unet_subfolder), use_safetensors=True
+        )
     if cls is None:
-        return MemshardTextToImagePipeline.from_pretrained(local_dir, **kwargs)
-    return cls.from_pretrained(local_dir, safety_checker=None, requires_safety_checker=False, **kwargs)
+        return MemshardTextToImagePipeline.from_pretrained(local_dir, use_safetensors=True, **kwargs)
+    return cls.from_pretrained(
+        local_dir, safety_checker=None, requires_safety_checker=False, use_safetensors=True, **kwargs
+    )

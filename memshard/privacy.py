@@ -86,6 +86,7 @@ def calibrate_run(
         raise ValueError(f"{run}: the training set has no non-empty captions")
     rng = np.random.default_rng(seed)
     chosen = [captions[i] for i in sorted(rng.choice(len(captions), min(num_prompts, len(captions)), replace=False))]
+    rd.check_served()
     with rd.store.local_copy("served") as local:
         pipe = load_served_t2i(local)
         if torch.cuda.is_available():

@@ -221,7 +221,9 @@ class Proxy:
 
     def load_global(self, raw: StateDict, ema: StateDict | None) -> None:
         """Start the round from the aggregated weights (copying: object-store arrays are read-only)."""
-        self.unet.load_state_dict({k: torch.as_tensor(v) for k, v in raw.items()})
+        from .checkpoint import load_checked
+
+        load_checked(self.unet, raw, f"the global weights given to shard {self.shard_id}")
         if self.ema is not None:
             source = ema if ema is not None else raw
             for k, v in self.ema.items():

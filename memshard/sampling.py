@@ -28,23 +28,22 @@ def load_served_unet(
     ``round_id`` loads the global weights committed after that round instead (same
     architecture as the served model), e.g. to trace memorization over training.
     """
+    from .checkpoint import RunDir, round_name, shapes_of
+
     store = Storage(run_uri)
-    if not store.exists("served/model_index.json"):
-        raise FileNotFoundError(f"{run_uri}: no served model (RUN/served/model_index.json missing)")
+    RunDir(run_uri).check_served()  # safetensors only, and shapes that fit the config: before anything is loaded
     with store.local_copy("served") as local:
         info = json.loads(open(os.path.join(local, "memshard.json")).read())
         sub = "unet_raw" if weights == "raw" and os.path.isdir(os.path.join(local, "unet_raw")) else "unet"
         if weights == "raw" and sub == "unet" and info.get("weights") == "ema":
             raise FileNotFoundError(f"{run_uri}: raw weights not found in RUN/served/unet_raw")
-        unet = UNet2DModel.from_pretrained(os.path.join(local, sub), low_cpu_mem_usage=False)
+        unet = UNet2DModel.from_pretrained(os.path.join(local, sub), low_cpu_mem_usage=False, use_safetensors=True)
         sched = json.loads(open(os.path.join(local, "scheduler", "scheduler_config.json")).read())
     if round_id is not None:
-        from .checkpoint import RunDir, round_name
-
         run = RunDir(run_uri)
         if not run.store.exists(f"rounds/{round_name(round_id)}/global.safetensors"):
             raise FileNotFoundError(f"{run_uri}: no committed weights for round {round_id}")
-        raw, ema = run.load_weights(round_id)
+        raw, ema = run.load_weights(round_id, expected=shapes_of(unet.state_dict()))
         unet.load_state_dict(ema if weights == "ema" and ema is not None else raw)
         info = {**info, "round": round_id}
     return unet, sched, info

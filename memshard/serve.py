@@ -600,6 +600,7 @@ def build_app(
     """
     import ray
 
+    from .checkpoint import RunDir
     from .storage import S3Access, Storage
 
     if weights not in ("ema", "raw"):
@@ -608,8 +609,8 @@ def build_app(
         raise ConfigError(f"num_replicas must be >= 1, got {num_replicas}")
     limits = limits or ServeLimits()
     store = Storage(run)
-    if not store.exists("served/model_index.json"):
-        raise FileNotFoundError(f"{run}: no served model (RUN/served/model_index.json missing)")
+    # a missing model, pickle-only or mis-shaped weights fail here, not in replicas Serve would restart in a loop
+    RunDir(run).check_served()
     t2i = json.loads(store.read_text("served/model_index.json")).get("_class_name") != "DDPMPipeline"
     prss, sources = None, None
     if t2i:

@@ -108,11 +108,11 @@ def provider_for(req: SampleRequest, pipe: Any) -> Any:
 
 def sample_run(run: str, req: SampleRequest, out: str) -> list[dict[str, Any]]:
     """Generate for every prompt with the run's served pipeline; write images, grid and report."""
+    from .checkpoint import RunDir
     from .pipeline import load_served_t2i
 
     store = Storage(run)
-    if not store.exists("served/model_index.json"):
-        raise FileNotFoundError(f"{run}: no served model (RUN/served/model_index.json missing)")
+    RunDir(run).check_served()  # safetensors weights that fit the config, before anything is copied or loaded
     with store.local_copy("served") as local:
         sub = "unet_raw" if req.weights == "raw" and os.path.isdir(os.path.join(local, "unet_raw")) else "unet"
         pipe = load_served_t2i(local, sub)

@@ -78,11 +78,11 @@ class TextEncoder:
         if (path / "text_encoder").is_dir():  # a Stable-Diffusion-style pipeline directory
             from transformers import CLIPTextModel, CLIPTokenizer
 
-            self.model = CLIPTextModel.from_pretrained(str(path / "text_encoder"))
+            self.model = CLIPTextModel.from_pretrained(str(path / "text_encoder"), use_safetensors=True)
             self.tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"))
             self.kind = "clip"
         elif (path / "config.json").is_file():
-            self.model = AutoModel.from_pretrained(str(path))
+            self.model = AutoModel.from_pretrained(str(path), use_safetensors=True)
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
             self.kind = "bert"
         else:

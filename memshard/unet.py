@@ -75,6 +75,37 @@ def _json(path: Path) -> dict[str, Any]:
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 
 
+_PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def has_safetensors(directory: Path, what: str) -> bool:
+    """Whether ``directory`` holds safetensors weights; pickle-only weights are refused (never unpickled)."""
+    if not directory.is_dir():
+        return False
+    if any(directory.glob("*.safetensors")):
+        return True
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_WEIGHTS)
+    if pickles:
+        raise ValueError(
+            f"{what} {directory} holds only pickle weights ({', '.join(pickles)}); memshard loads safetensors only "
+            "(pickle files can run code): convert them, e.g. save_pretrained(..., safe_serialization=True)"
+        )
+    return False
+
+
+def _pretrained_mismatch(what: str, source: str, base: dict[str, Any], need: dict[str, Any]) -> None:
+    """Refuse a pretrained model whose stored architecture contradicts what the config and data need."""
+    for key, want in need.items():
+        have = base.get(key)
+        if have != want:
+            raise ValueError(f"{what} {source} has {key}={have} but the config and data need {key}={want}")
+
+
+def downsampling_factor(config: dict[str, Any]) -> int:
+    """How many times the UNet halves its input: sample sizes must be a multiple of this (UNet2DModel)."""
+    return 2 ** max(len(config.get("down_block_types") or ()) - 1, 0)
+
+
 def text_dim(cfg: MemshardConfig) -> int:
     """Hidden size of the configured text encoder, read from its config (no weights loaded)."""
     name = cfg.model.pipeline if cfg.model.text_encoder == "pipeline" else cfg.model.text_encoder
@@ -85,6 +116,7 @@ def text_dim(cfg: MemshardConfig) -> int:
     else:
         base = Path(name)
         path = base / "text_encoder" / "config.json" if (base / "text_encoder").is_dir() else base / "config.json"
+        has_safetensors(path.parent, "model.text_encoder")
     if not path.is_file():
         raise ValueError(f"model.text_encoder {name!r}: no config.json at {path}")
     conf = _json(path)
@@ -126,6 +158,10 @@ def unet_config(cfg: MemshardConfig) -> dict[str, Any]:
                 "nor a diffusers UNet config.json / model directory"
             )
         base = {k: v for k, v in json.loads(cfg_file.read_text()).items() if not k.startswith("_")}
+        if has_safetensors(path, "model.preset"):  # pretrained weights: their shapes are fixed
+            need = {"in_channels": cfg.data.channels, "out_channels": cfg.data.channels}
+            need["num_class_embeds"] = cfg.data.num_classes if cfg.model.class_conditional else None
+            _pretrained_mismatch("pretrained UNet", str(path), base, need)
     base.update(cfg.model.overrides)
     base.update(
         sample_size=cfg.data.image_size,
@@ -134,15 +170,32 @@ def unet_config(cfg: MemshardConfig) -> dict[str, Any]:
     )
     if cfg.model.class_conditional:
         base["num_class_embeds"] = cfg.data.num_classes
+    factor = downsampling_factor(base)
+    if cfg.data.image_size % factor:
+        raise ValueError(
+            f"data.image_size={cfg.data.image_size} is not a multiple of {factor}, the UNet's downsampling factor "
+            f"({len(base['down_block_types'])} blocks, model.preset {preset!r}): its skip connections would not line up"
+        )
     return base
 
 
+def unet_shapes(cfg: MemshardConfig) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor of the config's UNet (built on the meta device: nothing allocated)."""
+    from .checkpoint import model_shapes
+
+    return model_shapes(unet_class(cfg), unet_config(cfg))
+
+
 def _cond_unet_config(cfg: MemshardConfig) -> dict[str, Any]:
+    pretrained = False
     if cfg.model.pipeline is not None:
         path = Path(cfg.model.pipeline) / "unet" / "config.json"
         if not path.is_file():
             raise ValueError(f"model.pipeline {cfg.model.pipeline}: no unet/config.json (not a diffusers pipeline?)")
         base = _json(path)
+        pretrained = has_safetensors(path.parent, "model.pipeline UNet")
+        for part in ("vae", "text_encoder"):
+            has_safetensors(Path(cfg.model.pipeline) / part, f"model.pipeline {part}")
     elif cfg.model.preset in COND_UNET_PRESETS:
         base = dict(COND_UNET_PRESETS[cfg.model.preset])
     else:
@@ -154,9 +207,18 @@ def _cond_unet_config(cfg: MemshardConfig) -> dict[str, Any]:
                 f"({', '.join(COND_UNET_PRESETS)}) nor a UNet2DConditionModel config.json / model directory"
             )
         base = _json(cfg_file)
+        pretrained = has_safetensors(path, "model.preset")
     base.update(cfg.model.overrides)
     shape = latent_shape(cfg)
     channels, side = (shape[0], shape[1]) if shape is not None else (cfg.data.channels, cfg.data.image_size)
+    if pretrained:
+        space = "the VAE's latent channels" if shape is not None else "data.channels"
+        for key in ("in_channels", "out_channels"):
+            if base.get(key) != channels:
+                raise ValueError(
+                    f"pretrained UNet of {cfg.model.pipeline or cfg.model.preset} has {key}={base.get(key)} "
+                    f"but {space} give {channels}"
+                )
     dim = text_dim(cfg)
     if cfg.model.pipeline is not None and base.get("cross_attention_dim") not in (None, dim):
         raise ValueError(
@@ -173,7 +235,7 @@ def build_unet(cfg: MemshardConfig) -> UNet2DModel | UNet2DConditionModel:
         config = unet_config(cfg)
         source = Path(cfg.model.pipeline) / "unet" if cfg.model.pipeline is not None else Path(cfg.model.preset)
         if source.is_dir() and any(source.glob("*.safetensors")):
-            unet = UNet2DConditionModel.from_pretrained(str(source), low_cpu_mem_usage=False)
+            unet = UNet2DConditionModel.from_pretrained(str(source), low_cpu_mem_usage=False, use_safetensors=True)
             for key in ("in_channels", "out_channels", "cross_attention_dim"):
                 if unet.config.get(key) != config.get(key):
                     raise ValueError(
@@ -188,7 +250,7 @@ def build_unet(cfg: MemshardConfig) -> UNet2DModel | UNet2DConditionModel:
     config = unet_config(cfg)
     path = Path(cfg.model.preset)
     if path.is_dir() and any(path.glob("*.safetensors")):
-        unet = UNet2DModel.from_pretrained(str(path), low_cpu_mem_usage=False)
+        unet = UNet2DModel.from_pretrained(str(path), low_cpu_mem_usage=False, use_safetensors=True)
         for key in ("in_channels", "out_channels", "num_class_embeds"):
             if unet.config.get(key) != config.get(key):
                 raise ValueError(
