@@ -35,10 +35,10 @@ def ray_processes(title: str) -> list[int]:
     return sorted(out)
 
 
-def kill(pid: int) -> bool:
-    """SIGKILL ``pid``; False if it was already gone."""
+def kill(pid: int, sig: int = signal.SIGKILL) -> bool:
+    """Send ``sig`` (SIGKILL: a crash; SIGSTOP: a hung node) to ``pid``; False if it was already gone."""
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
         return True
     except ProcessLookupError:
         return False
@@ -58,6 +58,7 @@ class Killer:
     trigger: str = "ray::ShardActor.train_round"
     index: int = 0
     timeout_s: float = 300.0
+    sig: int = signal.SIGKILL
     killed: list[int] = field(default_factory=list)
     _thread: threading.Thread | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -79,7 +80,7 @@ class Killer:
         if self._stop.wait(self.delay_s):
             return
         pids = [p for p in ray_processes(self.victim) if p not in self._old]
-        if pids and kill(pids[self.index % len(pids)]):
+        if pids and kill(pids[self.index % len(pids)], self.sig):
             self.killed.append(pids[self.index % len(pids)])
 
     def join(self, timeout: float | None = None) -> list[int]:

@@ -10,6 +10,7 @@ uninterrupted one ends, bit for bit on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,6 +68,23 @@ def test_actor_dead_for_good_fails_clearly_keeps_committed_rounds_and_resumes(re
     committed = committed_rounds(out)
     assert committed < 3
     outcome = train(load_config("demo", FAULT), out=out, resume=True)  # resources.* may change on resume
+    assert outcome.rounds_completed == 3 and same_weights(out, reference, 3) == []
+
+
+def test_hung_shard_actor_fails_the_round_after_the_stall_timeout(reference, tmp_path):
+    """A frozen process (SIGSTOP: a hung node) makes no progress; the run stops instead of hanging."""
+    out = str(tmp_path / "run")
+    killer = Killer(victim="ray::ShardActor", delay_s=0.2, sig=signal.SIGSTOP).start()
+    try:
+        with pytest.raises(RunError, match=r"made no progress for 20s.*rerun with --resume"):
+            train(load_config("demo", [*FAULT, "resources.stall_timeout_s=20"]), out=out)
+    finally:
+        stopped = killer.join(timeout=10)
+        for pid in stopped:  # the driver's clean-up SIGKILLs it; make sure nothing stays frozen
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert stopped
+    outcome = train(load_config("demo", FAULT), out=out, resume=True)
     assert outcome.rounds_completed == 3 and same_weights(out, reference, 3) == []
 
 
