@@ -20,8 +20,33 @@ VICTIMS = ("shard", "coordinator", "driver")
 TITLES = {"shard": "ray::ShardActor", "coordinator": "ray::Coordinator"}
 
 
-def ray_processes(title: str) -> list[int]:
-    """PIDs of live processes whose title (argv[0] as Ray sets it) starts with ``title``."""
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state, past the (comm)
+
+
+def descends_from(pid: int, root: int) -> bool:
+    """Is ``root`` among the ancestors of ``pid`` (or ``pid`` itself)?"""
+    seen = 0
+    while pid and seen < 64:
+        if pid == root:
+            return True
+        parent = _parent(pid)
+        if parent is None or parent == pid:
+            return False
+        pid, seen = parent, seen + 1
+    return False
+
+
+def ray_processes(title: str, root: int | None = None) -> list[int]:
+    """PIDs of live processes whose title (argv[0] as Ray sets it) starts with ``title``.
+
+    With ``root``, only descendants of that process: the workers of the Ray cluster it started,
+    never those of another cluster on the same machine (another test session, another user).
+    """
     out = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -30,7 +55,7 @@ def ray_processes(title: str) -> list[int]:
             argv0 = (proc / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
         except OSError:  # gone meanwhile, or not ours
             continue
-        if argv0.startswith(title):
+        if argv0.startswith(title) and (root is None or descends_from(int(proc.name), root)):
             out.append(int(proc.name))
     return sorted(out)
 
@@ -59,6 +84,7 @@ class Killer:
     index: int = 0
     timeout_s: float = 300.0
     sig: int = signal.SIGKILL
+    root: int = field(default_factory=os.getpid)  # the process that started the Ray cluster
     killed: list[int] = field(default_factory=list)
     _thread: threading.Thread | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -66,20 +92,23 @@ class Killer:
 
     def start(self) -> Killer:
         # processes already there (a previous run's actors, still exiting) are never a trigger or a victim
-        self._old = set(ray_processes(self.trigger)) | set(ray_processes(self.victim))
+        self._old = set(self._find(self.trigger)) | set(self._find(self.victim))
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"killer-{self.victim}")
         self._thread.start()
         return self
 
+    def _find(self, title: str) -> list[int]:
+        return ray_processes(title, root=self.root)
+
     def _run(self) -> None:
         deadline = time.monotonic() + self.timeout_s
-        while not set(ray_processes(self.trigger)) - self._old:
+        while not set(self._find(self.trigger)) - self._old:
             if self._stop.is_set() or time.monotonic() > deadline:
                 return
             time.sleep(0.02)
         if self._stop.wait(self.delay_s):
             return
-        pids = [p for p in ray_processes(self.victim) if p not in self._old]
+        pids = [p for p in self._find(self.victim) if p not in self._old]
         if pids and kill(pids[self.index % len(pids)], self.sig):
             self.killed.append(pids[self.index % len(pids)])
 

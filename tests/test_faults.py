@@ -109,7 +109,7 @@ def test_killed_driver_resumes_to_the_same_weights(reference, tmp_path, ray_clus
     outcome = train(load_config("demo", FAULT), out=str(run), resume=True)
     assert outcome.complete and outcome.rounds_completed == 3
     assert same_weights(str(run), reference, 3) == []
-    assert ray_processes("ray::ShardActor.train_round") == []
+    assert ray_processes("ray::ShardActor.train_round", root=os.getpid()) == []
 
 
 def test_chaos_job_all_runs_complete_and_equal(tmp_path):
