@@ -627,35 +627,31 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    out = copy.deepcopy(raw)
-    for item in overrides:
-        parts, value = parse_override(item)
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
-            node = child
-        node[parts[-1]] = value
-    return out
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
-    """A copy of ``raw`` with the dotted ``key`` set to ``value`` (typed, unlike a --set string)."""
-    out = copy.deepcopy(raw)
-    parts = key.split(".")
+def _set_path(out: dict[str, Any], parts: list[str], value: Any, where: str) -> None:
+    """Set ``out[parts[0]][parts[1]]... = value`` in place, making missing sections on the way."""
     node = out
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section")
+            raise ConfigError(f"{where}{'.'.join(parts[: i + 1])} is a value, not a section")
         node = child
-    node[parts[-1]] = copy.deepcopy(value)
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        parts, value = parse_override(item)
+        _set_path(out, parts, value, f"--set {item!r}: ")
+    return out
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of ``raw`` with the dotted ``key`` set to ``value`` (typed, unlike a --set string)."""
+    out = copy.deepcopy(raw)
+    _set_path(out, key.split("."), copy.deepcopy(value), "")
     return out
 
 
