@@ -1,21 +1,14 @@
 """The memorization benchmark job, end to end at toy size, including a budget-stopped first call."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-JOB = Path(__file__).resolve().parents[1] / "jobs" / "bench_memorization.py"
+from tests.conftest import load_job
 
 
 def _job():
-    spec = importlib.util.spec_from_file_location("bench_memorization", JOB)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_job("bench_memorization")
 
 
 def test_arms_are_like_for_like():

@@ -1,21 +1,14 @@
 """The PRSS benchmark job, end to end at toy size (every code path; the numbers mean nothing here)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-JOB = Path(__file__).resolve().parents[1] / "jobs" / "bench_prss.py"
+from tests.conftest import load_job
 
 
 def _job():
-    spec = importlib.util.spec_from_file_location("bench_prss", JOB)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_job("bench_prss")
 
 
 def test_data_split_is_disjoint_and_duplicated(real_emoji, tmp_path):

@@ -5,23 +5,16 @@ against hand-computed values; the end-to-end run only checks that every part run
 reports sane numbers (at this size they mean nothing).
 """
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-JOB = Path(__file__).resolve().parents[1] / "jobs" / "bench_throughput.py"
+from tests.conftest import load_job
 
 
 def _job():
-    spec = importlib.util.spec_from_file_location("bench_throughput", JOB)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_job("bench_throughput")
 
 
 def test_overhead_is_computed_from_the_medians():
