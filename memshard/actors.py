@@ -118,7 +118,9 @@ class ShardActor:
         start = time.perf_counter()
         if self.proxy is None or self.state_round != round_id - 1:
             self._restore(round_id - 1)
+        t_data = time.perf_counter()
         data = self._shard_data(round_id - 1)
+        data_s = time.perf_counter() - t_data  # the step loop never waits for data: it is all on the device
         raw, ema = global_weights if global_weights is not None else (None, None)
         self.proxy.start_round(round_id, raw, ema)
 
@@ -150,6 +152,8 @@ class ShardActor:
             "extra_steps": result.extra_steps,
             "nonfinite_steps": result.nonfinite_steps,  # skipped for a NaN/inf loss (part of steps)
             "train_s": train_s,
+            "data_s": data_s,  # reading + decoding new rows and moving the shard to the device (part of train_s)
+            "compile": self.proxy.model.status,  # off / verified / rejected: <why>
             "images_per_s": result.steps * self.cfg.train.batch_size / max(train_s, 1e-9),
         }
         if result.nonfinite_ids is not None and len(result.nonfinite_ids):

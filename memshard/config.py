@@ -157,6 +157,20 @@ class TrainConfig(_Section):
         "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU."
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool | None = Field(
+        None,
+        description="torch.compile the UNet (forward and backward; AGC, optimizer and EMA stay eager). None = on "
+        "CUDA only: on a CPU the one-off compile (about 2 min for the tiny UNet on 2 cores) outweighs short runs, "
+        "though the compiled step is several times faster there too (BENCHMARKS.md).",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default",
+        description="torch.compile mode. reduce-overhead / max-autotune add CUDA graphs, which need static shapes: "
+        "the masked-loss AGC step has them, agc.decide_before_backward (kept-sample batches) does not.",
+    )
+    channels_last: bool | None = Field(
+        None, description="NHWC weights and inputs (faster convolutions on tensor cores). None = on CUDA only."
+    )
     progress_every: int = Field(10, ge=1, description="Steps between progress reports to the coordinator.")
     max_nonfinite_steps: int = Field(
         10,

@@ -25,6 +25,9 @@ def summary_line(s: dict[str, Any], rounds: int | None = None) -> str:
         line += f"  augmented {s['augmented']} (mean strength {s['mean_strength']:.2f})"
     if s.get("nonfinite_steps"):
         line += f"  non-finite loss: {s['nonfinite_steps']} steps skipped"
+    rejected = [sh["shard"] for sh in s.get("shards", []) if str(sh.get("compile", "")).startswith("rejected")]
+    if rejected:
+        line += f"  torch.compile rejected on shards {rejected}, training eager (why: run.json)"
     return line
 
 

@@ -23,11 +23,13 @@ import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import augment, skip
+from .compiled import CompiledModel
 from .config import MemshardConfig, TAAConfig
 from .text import TextCond
 from .unet import build_scheduler, build_unet
@@ -185,6 +187,10 @@ class Proxy:
         torch.manual_seed(cfg.seed)  # weights are overwritten by the global ones; seeded anyway
         self.unet = build_unet(cfg).to(self.device)
         self.unet.train()
+        on_cuda = self.device.type == "cuda"
+        self.channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else on_cuda
+        if self.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         self.noise_scheduler = build_scheduler(cfg)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
         params = [p for p in self.unet.parameters() if p.requires_grad]
@@ -210,6 +216,13 @@ class Proxy:
         self.nonfinite_steps = 0  # steps skipped for a NaN/inf loss over all rounds
         self.nonfinite_ids: list[int] = []  # their offending sample ids, sorted, at most NONFINITE_IDS_KEPT
         self.amp_dtype = self._amp_dtype()
+        # what the step calls; self.unet (the same parameters) is what is saved, loaded and averaged
+        self.model = CompiledModel(
+            self.unet,
+            cfg.train.compile if cfg.train.compile is not None else on_cuda,
+            cfg.train.compile_mode,
+            self.amp_dtype,
+        )
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
     # ----------------------------------------------------------------- weights
@@ -264,8 +277,12 @@ class Proxy:
 
     def weights(self) -> tuple[StateDict, StateDict | None]:
         """CPU copies of (raw, ema) weights, for aggregation."""
-        raw = {k: v.detach().to("cpu", copy=True) for k, v in self.unet.state_dict().items()}
-        ema = {k: v.detach().to("cpu", copy=True) for k, v in self.ema.items()} if self.ema is not None else None
+
+        def host(v: torch.Tensor) -> torch.Tensor:  # channels_last weights leave in the standard layout
+            return v.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+
+        raw = {k: host(v) for k, v in self.unet.state_dict().items()}
+        ema = {k: host(v) for k, v in self.ema.items()} if self.ema is not None else None
         return raw, ema
 
     # ------------------------------------------------------------ proxy state
@@ -534,12 +551,18 @@ class Proxy:
         return None
 
     def _forward(self, xt: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            if isinstance(cond, TextCond):
-                states = cond.states.to(xt.dtype)
-                mask = None if bool(cond.mask.all()) else cond.mask
-                return self.unet(xt, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
-            return self.unet(xt, t, class_labels=cond).sample
+        if self.channels_last:
+            xt = xt.contiguous(memory_format=torch.channels_last)
+        kwargs: dict = {"class_labels": cond}
+        if isinstance(cond, TextCond):
+            mask = None if bool(cond.mask.all()) else cond.mask
+            kwargs = {"encoder_hidden_states": cond.states.to(xt.dtype), "encoder_attention_mask": mask}
+
+        def run(model: Callable[..., Any]) -> torch.Tensor:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                return model(xt, t, **kwargs).sample
+
+        return self.model(run)
 
     @property
     def _skips_on_device(self) -> bool:
