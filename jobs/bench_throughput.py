@@ -53,6 +53,7 @@ from memshard.proxy import Proxy, ShardData, batch_order
 from memshard.unet import build_scheduler, build_unet
 
 BASE_PRESET = "demo"
+PARTS = ("agc", "orchestration", "scaling", "aggregation", "sampling", "knn")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,13 @@ class Size:
     copy_params: int  # size of the tensor cloned to measure copy bandwidth (capped by agg_params)
     arms: tuple[str, ...] = ("plain", "agc_off", "agc", "agc_taa", "agc_plus")
     cuda_cases: tuple[StepCase, ...] = field(default_factory=tuple)  # replace ``cases`` when running on CUDA
+    # on CUDA the fast arm (torch.compile + channels_last) joins: target 1 is its images/s against plain eager.
+    # Not on the CPU: torch 2.13's CPU inductor miscompiles this UNet's backward (memshard/compiled.py), so
+    # the arm would time the eager fallback after a two-minute compile.
+    cuda_arms: tuple[str, ...] = ("plain", "agc_off", "agc", "agc_taa", "agc_plus", "fast")
+    scaling_k: tuple[int, ...] = (1, 2)  # shard counts for the scaling runs (the orchestration run is the largest)
+    sampling: tuple[int, int, int] = (32, 10, 32)  # (images, DDIM steps, batch) for the sampling throughput
+    knn: tuple[int, int, int] = (2048, 5000, 3072)  # (queries, training images, dims) timed, then extrapolated
 
 
 TINY_CASE = ("model.preset=tiny", "data.image_size=16", "data.channels=1")
@@ -98,6 +106,8 @@ SIZES: dict[str, Size] = {
         agg_reps=2,
         copy_params=1_000_000,
         arms=("plain", "agc_off", "agc_taa"),
+        sampling=(4, 2, 4),
+        knn=(64, 300, 48),
     ),
     # a few minutes on 2 CPU cores: the demo's model and batch
     "quick": Size(
@@ -143,6 +153,9 @@ SIZES: dict[str, Size] = {
         ),
         # the demo run itself (4 shards x 150 steps of batch 32), one round more for the start-up round
         ray_overrides=("train.rounds=5",),
+        scaling_k=(1, 2, 4),
+        sampling=(256, 50, 128),
+        knn=(8192, 50_000, 3072),
         agg_params=860_000_000,
         agg_reps=3,
         copy_params=250_000_000,
@@ -163,7 +176,18 @@ ARMS: dict[str, tuple[str, tuple[str, ...] | None]] = {
         ("agc.enabled=true", "taa.enabled=true", "agc.decide_before_backward=true"),
     ),
 }
+ARMS["fast"] = (
+    "Proxy as agc_taa, torch.compile (verified against eager on the first batch) + channels_last",
+    ("agc.enabled=true", "taa.enabled=true", "train.compile=true", "train.channels_last=true"),
+)
 HEADLINE = ("agc_taa", "plain")
+FAST = ("fast", "plain")  # target 1: the shard actor's step against the plain eager loop
+
+# Dense bf16 tensor-core peaks (FLOP/s, SXM parts, no sparsity) for MFU; other devices report FLOP/s only.
+PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+# What a 65,536 x 50,000 nearest-neighbour search of 32x32x3 images is (issue 8, item 6).
+KNN_TARGET = (65_536, 50_000, 3072)
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -290,6 +314,90 @@ def aggregation_traffic_bytes(params: int, k: int, elem: int = 4) -> int:
     return (3 * k + 2) * params * elem
 
 
+def peak_flops(device_name: str | None) -> float | None:
+    """The bf16 dense peak of a known GPU, by name (None: unknown device, no MFU)."""
+    for key, peak in PEAK_BF16_FLOPS.items():
+        if device_name and key in device_name:
+            return peak
+    return None
+
+
+def round_throughput(manifest: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """Images/s of whole rounds (all shards' steps x batch / round_s); median over rounds >= 2."""
+    rows = [
+        {
+            "round": int(s["round"]),
+            "images_per_s": sum(int(sh["steps"]) for sh in s["shards"]) * batch_size / s["round_s"],
+        }
+        for s in manifest["rounds"]
+    ]
+    later = [r["images_per_s"] for r in rows if r["round"] > 1]
+    return {"rounds": rows, "images_per_s_median": statistics.median(later) if later else None}
+
+
+def scaling_efficiency(images_per_s: dict[int, float]) -> dict[int, float]:
+    """Round throughput with K shards over K times the one-shard throughput."""
+    if 1 not in images_per_s:
+        raise ValueError("scaling needs the one-shard run")
+    return {k: v / (k * images_per_s[1]) for k, v in sorted(images_per_s.items())}
+
+
+def data_path(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Per round, the slowest shard's time getting its rows onto the device, as a share of its train_s.
+
+    The step loop indexes a shard that is already decoded and resident on the device
+    (augmentation runs there too), so this load is the only time the device waits for data:
+    the 'idle fraction' of issue 8, item 5. Round 1 decodes every row; later rounds only the
+    rows that migrated in (decoded rows are cached per actor).
+    """
+    rows = []
+    for s in manifest["rounds"]:
+        shards = [sh for sh in s["shards"] if sh.get("data_s") is not None]
+        if not shards:
+            continue
+        worst = max(shards, key=lambda sh: float(sh["data_s"]) / max(float(sh["train_s"]), 1e-9))
+        rows.append(
+            {
+                "round": int(s["round"]),
+                "data_s_max": max(float(sh["data_s"]) for sh in shards),
+                "idle_fraction": float(worst["data_s"]) / max(float(worst["train_s"]), 1e-9),
+            }
+        )
+    later = [r["idle_fraction"] for r in rows if r["round"] > 1]
+    first = [r["idle_fraction"] for r in rows if r["round"] == 1]
+    return {
+        "rounds": rows,
+        "idle_fraction_median": statistics.median(later) if later else None,
+        "idle_fraction_first_round": first[0] if first else None,
+    }
+
+
+def project_round(
+    state_bytes: int, k: int, train_s: float, net_GBps: float, agg_GBps: float, states: int = 2
+) -> dict[str, float]:
+    """A paper projection of one round on K nodes, one shard per node, the aggregation on one of them.
+
+    Per round each proxy ships ``states`` (raw + EMA) state dicts to the aggregating node (its NIC
+    takes K-1 of them: incast), the average is computed at the measured aggregation traffic rate
+    ((3K+2) passes per element), and the result is pulled back by the K-1 other nodes from the
+    node that holds it (Ray transfers objects point to point, so that node's NIC sends K-1 copies).
+    """
+    gather = (k - 1) * states * state_bytes / (net_GBps * 1e9)
+    aggregate = states * aggregation_traffic_bytes(state_bytes // 4, k) / (agg_GBps * 1e9)
+    broadcast = (k - 1) * states * state_bytes / (net_GBps * 1e9)
+    overhead = gather + aggregate + broadcast
+    return {
+        "k": k,
+        "gather_s": gather,
+        "aggregate_s": aggregate,
+        "broadcast_s": broadcast,
+        "overhead_s": overhead,
+        "train_s": train_s,
+        "overhead_fraction": overhead / (overhead + train_s),
+        "efficiency": train_s / (overhead + train_s),
+    }
+
+
 # --------------------------------------------------------------------------- step timing
 
 
@@ -396,6 +504,20 @@ class PlainLoop:
             torch.cuda.synchronize(self.device)
 
 
+def step_flops(cfg: MemshardConfig, device: torch.device) -> int:
+    """FLOPs of one training step's forward + backward of the UNet (counted, not estimated)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = build_unet(cfg).to(device)
+    b, c, hw = cfg.train.batch_size, cfg.data.channels, cfg.data.image_size
+    x = torch.randn(b, c, hw, hw, device=device)
+    t = torch.randint(0, cfg.model.num_train_timesteps, (b,), device=device)
+    labels = torch.zeros(b, dtype=torch.long, device=device) if cfg.model.class_conditional else None
+    with FlopCounterMode(display=False) as counter:
+        unet(x, t, class_labels=labels).sample.float().square().mean().backward()
+    return int(counter.get_total_flops())
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -410,6 +532,7 @@ def bench_steps(case: StepCase, arms: Sequence[str], device: torch.device) -> di
         datas[arm] = synthetic_shard(cfg, case.samples, device)
         runners[arm] = PlainLoop(cfg, device) if ARMS[arm][1] is None else Proxy(cfg, 0, device)
     params = sum(p.numel() for p in runners[arms[0]].unet.parameters())
+    flops = step_flops(step_config(case, arms[0], device.type), device)
     times: dict[str, list[float]] = {a: [] for a in arms}
     skip_rates: dict[str, list[float]] = {a: [] for a in arms}
     for rep in range(-1, case.reps):  # rep -1: untimed warm-up (allocator, autotuning, a filled memory bank)
@@ -429,6 +552,7 @@ def bench_steps(case: StepCase, arms: Sequence[str], device: torch.device) -> di
                 if res is not None:
                     skip_rates[arm].append(res.skip_rate)
     cfg0 = step_config(case, arms[0], device.type)
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     out: dict[str, Any] = {
         "case": case.name,
         "device": str(device),
@@ -445,9 +569,18 @@ def bench_steps(case: StepCase, arms: Sequence[str], device: torch.device) -> di
                 "step_s_median": statistics.median(times[a]),
                 "step_s": times[a],
                 "skip_rate_median": statistics.median(skip_rates[a]) if skip_rates[a] else None,
+                "images_per_s": cfg0.train.batch_size / statistics.median(times[a]),
+                "achieved_flops": flops / statistics.median(times[a]),
+                "mfu": flops / statistics.median(times[a]) / peak if peak else None,
+                "compile": runners[a].model.status if isinstance(runners[a], Proxy) else "off",
             }
             for a in arms
         },
+        "flops_per_step": flops,
+        "peak_flops": peak,
+        "flops_definition": "forward + backward of the UNet at this batch, counted by torch.utils.flop_counter "
+        "(matmuls and convolutions; AGC's no-grad forward and element-wise work not counted); MFU = achieved / the "
+        "device's dense bf16 peak.",
         "vs_plain": {a: overhead(times[a], times["plain"]) for a in arms if a != "plain" and "plain" in arms},
     }
     if "agc_off" in arms:
@@ -458,8 +591,12 @@ def bench_steps(case: StepCase, arms: Sequence[str], device: torch.device) -> di
 # --------------------------------------------------------------------------- orchestration
 
 
-def bench_orchestration(size: Size, workdir: str, device: torch.device) -> dict[str, Any]:
-    """A small real run on a local Ray cluster, timed from its own manifest and file times."""
+def bench_orchestration(size: Size, workdir: str, device: torch.device, shards: int | None = None) -> dict[str, Any]:
+    """A small real run on a local Ray cluster, timed from its own manifest and file times.
+
+    ``shards`` replaces the size's shard count (the scaling runs); every shard trains the same
+    steps per round either way, so rounds with more shards do proportionally more work.
+    """
     import ray
 
     from memshard.driver import train
@@ -467,10 +604,14 @@ def bench_orchestration(size: Size, workdir: str, device: torch.device) -> dict[
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
     overrides = [*size.ray_overrides, "logging.progress=false", f"train.device={device.type}"]
+    if shards is not None:
+        overrides.append(f"shards.count={shards}")
     cfg = load_config(BASE_PRESET, overrides)
     if device.type == "cuda":
-        cfg = load_config(BASE_PRESET, [*overrides, f"resources.gpus_per_shard={1.0 / cfg.shards.count:g}"])
-    run_dir = os.path.join(workdir, "ray-run")
+        gpus = torch.cuda.device_count()
+        per = 1.0 if cfg.shards.count <= gpus else gpus / cfg.shards.count
+        cfg = load_config(BASE_PRESET, [*overrides, f"resources.gpus_per_shard={per:g}"])
+    run_dir = os.path.join(workdir, f"ray-run-k{cfg.shards.count}")
     served_at: dict[int, float] = {}
 
     def on_round(summary: dict[str, Any]) -> None:
@@ -482,6 +623,8 @@ def bench_orchestration(size: Size, workdir: str, device: torch.device) -> dict[
     with open(os.path.join(run_dir, "run.json")) as fh:
         manifest = json.load(fh)
     res = orchestration_rounds(manifest, round_marks(run_dir, served_at))
+    res["throughput"] = round_throughput(manifest, cfg.train.batch_size)
+    res["data_path"] = data_path(manifest)
     res.update(
         {
             "config": {
@@ -506,6 +649,97 @@ def bench_orchestration(size: Size, workdir: str, device: torch.device) -> dict[
         }
     )
     return res
+
+
+def bench_scaling(size: Size, workdir: str, device: torch.device, have: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Round throughput with K shard actors against one (item 4), from real runs.
+
+    On one machine the K actors share its cores (or its one GPU), so the efficiency measures
+    how much of the machine's parallelism the orchestration keeps, not K-node scaling; that is
+    projected in BENCHMARKS.md from the measured aggregation rate (:func:`project_round`).
+    ``have`` is the orchestration run's result, reused for its own K.
+    """
+    cap = (torch.cuda.device_count() if device.type == "cuda" else os.cpu_count()) or 1
+    ks = sorted({k for k in size.scaling_k if k <= max(cap, 1)} | {1})
+    runs: dict[int, dict[str, Any]] = {}
+    for k in ks:
+        if have is not None and have["config"]["shards"] == k:
+            runs[k] = have
+        else:
+            runs[k] = bench_orchestration(size, workdir, device, shards=k)
+    thr = {k: r["throughput"]["images_per_s_median"] for k, r in runs.items()}
+    return {
+        "k": ks,
+        "images_per_s": thr,
+        "efficiency": scaling_efficiency(thr),
+        "round_s_median": {k: r["round_s_median"] for k, r in runs.items()},
+        "train_s_max_median": {k: r["train_s_max_median"] for k, r in runs.items()},
+        "workers": f"{cap} {'GPUs' if device.type == 'cuda' else 'CPU cores'}",
+        "definition": "images/s = sum over shards of steps x batch / round_s, median over rounds >= 2; efficiency = "
+        "images/s(K) / (K x images/s(1)).",
+    }
+
+
+# --------------------------------------------------------------------------- sampling and search
+
+
+def bench_sampling(size: Size, device: torch.device) -> dict[str, Any]:
+    """Batched DDIM sampling throughput (item 6) against one image at a time, same UNet and steps."""
+    from memshard.sampling import ddim_sample
+
+    num, steps, batch = size.sampling
+    small = ("model.preset=small", "data.image_size=32", "data.channels=3")
+    cfg = load_config(BASE_PRESET, list(TINY_CASE if device.type == "cpu" else small))
+    torch.manual_seed(0)
+    unet = build_unet(cfg).to(device)
+    sched = dict(build_scheduler(cfg).config)
+    ddim_sample(unet, sched, min(batch, num), steps=2, batch_size=batch, device=device)  # warm-up
+    out: dict[str, Any] = {"images": num, "steps": steps, "image_size": cfg.data.image_size, "model": cfg.model.preset}
+    for label, b, n in (("batched", batch, num), ("one_at_a_time", 1, max(2, num // 8))):
+        with torch.inference_mode():
+            _sync(device)
+            t0 = time.perf_counter()
+            ddim_sample(unet, sched, n, steps=steps, batch_size=b, device=device)
+            _sync(device)
+        dt = time.perf_counter() - t0
+        out[label] = {"batch": b, "images": n, "time_s": dt, "images_per_s": n / dt}
+    out["batching_speedup"] = out["batched"]["images_per_s"] / out["one_at_a_time"]["images_per_s"]
+    return out
+
+
+def bench_knn(size: Size, device: torch.device) -> dict[str, Any]:
+    """Exact k-NN (the memorization metric's search) on a slice, extrapolated to 65,536 x 50,000.
+
+    The blocked search is a matrix product plus a top-k merge per block, so its time grows
+    with Q x N at a fixed D; the slice is timed and scaled by (65,536 x 50,000) / (Q x N).
+    """
+    from memshard.metrics.neighbours import topk_neighbours
+
+    q, n, d = size.knn
+    g = torch.Generator().manual_seed(0)
+    queries, train = torch.rand(q, d, generator=g), torch.rand(n, d, generator=g)
+    if device.type == "cuda":
+        queries = queries.to(device)
+    topk_neighbours(queries[: min(q, 64)], train[: min(n, 256)], k=min(50, n // 8), device=device)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    topk_neighbours(queries, train, k=min(50, n), device=device)
+    _sync(device)
+    dt = time.perf_counter() - t0
+    tq, tn, td = KNN_TARGET
+    scale = (tq * tn) / (q * n) * (td / d)
+    return {
+        "queries": q,
+        "train": n,
+        "dims": d,
+        "k": min(50, n),
+        "time_s": dt,
+        "gflops": 2 * q * n * d / dt / 1e9,
+        "target": {"queries": tq, "train": tn, "dims": td},
+        "extrapolated_time_s": dt * scale,
+        "definition": "time of topk_neighbours (exact, blocked, squared Euclidean, k=50) on random rows; "
+        "extrapolated_time_s = time x (65,536 x 50,000 x 3072) / (Q x N x D), i.e. at this slice's FLOP rate.",
+    }
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -696,6 +930,38 @@ def table(res: dict[str, Any]) -> str:
             f"{a['fraction_of_copy_bandwidth']:.0%} of copy_ ({a['copy']['traffic_GBps']:.2f} GB/s), "
             f"{a['fraction_of_clone_bandwidth']:.0%} of clone ({a['copy']['clone_traffic_GBps']:.2f} GB/s)"
         )
+    for f in res.get("fast_vs_plain", []):
+        mfu = f" (MFU {f['mfu']:.1%} vs {f['plain_mfu']:.1%})" if f["mfu"] is not None else ""
+        lines.append(
+            f"fast step  {f['case']}: {f['images_per_s']:.0f} vs {f['plain_images_per_s']:.0f} img/s plain eager = "
+            f"x{f['speedup']:.2f}{mfu}; compile {f['compile'][:60]}"
+        )
+    dp = res.get("data_path")
+    if dp and dp["idle_fraction_median"] is not None:
+        lines.append(
+            f"data path  device idle for data: {dp['idle_fraction_median']:.2%} of train time (rounds >= 2), "
+            f"{dp['idle_fraction_first_round']:.1%} in round 1 (cold decode)"
+        )
+    sc = res.get("scaling")
+    if sc:
+        parts_s = ", ".join(
+            f"K={k}: {sc['images_per_s'][k]:.0f} img/s (eff. {sc['efficiency'][k]:.0%})" for k in sc["k"]
+        )
+        lines.append(f"scaling    {parts_s} on {sc['workers']}")
+    sm = res.get("sampling")
+    if sm:
+        lines.append(
+            f"sampling   DDIM {sm['steps']} steps, {sm['model']} {sm['image_size']}px: batch {sm['batched']['batch']} "
+            f"{sm['batched']['images_per_s']:.1f} img/s vs one at a time {sm['one_at_a_time']['images_per_s']:.1f} "
+            f"(x{sm['batching_speedup']:.1f})"
+        )
+    kn = res.get("knn")
+    if kn:
+        lines.append(
+            f"k-NN       {kn['queries']}x{kn['train']}x{kn['dims']}: {kn['time_s']:.2f} s "
+            f"({kn['gflops']:.0f} GFLOP/s); "
+            f"65,536x50,000x3072 extrapolated {kn['extrapolated_time_s']:.0f} s"
+        )
     d = res["device"]
     lines.append(f"device  {d['cpu_model']} ({d['cpu_count']} cores), torch {d['torch']}, {d['torch_threads']} threads")
     return "\n".join(lines)
@@ -708,9 +974,7 @@ def main(argv: list[str] | None = None) -> int:
     sz.add_argument("--tiny", action="store_true", help="the test's size: seconds, numbers meaningless")
     ap.add_argument("--json", dest="json_path", default=None, help="write the results here")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="for the step timing and Ray run")
-    ap.add_argument(
-        "--parts", default="agc,orchestration,aggregation", help="comma list of agc, orchestration, aggregation"
-    )
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     ap.add_argument("--workdir", default=None, help="where the Ray run goes (default: a temporary directory)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -718,7 +982,7 @@ def main(argv: list[str] | None = None) -> int:
     name = "tiny" if args.tiny else "quick" if args.quick else "full"
     size = SIZES[name]
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    unknown = parts - {"agc", "orchestration", "aggregation"}
+    unknown = parts - set(PARTS)
     if unknown:
         ap.error(f"unknown --parts: {sorted(unknown)}")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -729,7 +993,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if "agc" in parts:
         cases = size.cuda_cases if (use_cuda and size.cuda_cases) else size.cases
-        res["agc_overhead_cases"] = [bench_steps(c, size.arms, device) for c in cases]
+        arms = size.cuda_arms if use_cuda else size.arms
+        res["agc_overhead_cases"] = [bench_steps(c, arms, device) for c in cases]
         head = res["agc_overhead_cases"][0]
         h = head["vs_plain"][HEADLINE[0]]
         res["agc_overhead"] = {
@@ -747,15 +1012,36 @@ def main(argv: list[str] | None = None) -> int:
             "interleaved repetitions (one proxy round each, ABC..CBA order); TAA queue-mode extra steps count as "
             "steps, as in the round's step budget.",
         }
+        fast = [c for c in res["agc_overhead_cases"] if FAST[0] in c["arms"]]
+        if fast:
+            res["fast_vs_plain"] = [
+                {
+                    "case": c["case"],
+                    "speedup": c["arms"]["plain"]["step_s_median"] / c["arms"]["fast"]["step_s_median"],
+                    "images_per_s": c["arms"]["fast"]["images_per_s"],
+                    "plain_images_per_s": c["arms"]["plain"]["images_per_s"],
+                    "mfu": c["arms"]["fast"]["mfu"],
+                    "plain_mfu": c["arms"]["plain"]["mfu"],
+                    "compile": c["arms"]["fast"]["compile"],
+                }
+                for c in fast
+            ]
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-throughput-")
     try:
         if "orchestration" in parts:
             res["orchestration_overhead"] = bench_orchestration(size, workdir, device)
+            res["data_path"] = res["orchestration_overhead"]["data_path"]
+        if "scaling" in parts:
+            res["scaling"] = bench_scaling(size, workdir, device, res.get("orchestration_overhead"))
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     if "aggregation" in parts:
         res["aggregation"] = bench_aggregation(size.agg_params, 4, size.agg_reps, size.copy_params)
+    if "sampling" in parts:
+        res["sampling"] = bench_sampling(size, device)
+    if "knn" in parts:
+        res["knn"] = bench_knn(size, device)
     res["total_s"] = time.perf_counter() - t_start
     if args.json_path:
         os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)

@@ -77,6 +77,58 @@ def test_aggregation_traffic_and_synthetic_state():
     assert res["traffic_GBps"] == pytest.approx(res["input_GBps"] * 14 / 4)
 
 
+def test_round_throughput_scaling_and_data_path_from_a_manifest():
+    job = _job()
+    manifest = {
+        "rounds": [
+            {"round": 1, "round_s": 10.0, "shards": [{"steps": 5, "train_s": 8.0, "data_s": 2.0}] * 2},
+            {
+                "round": 2,
+                "round_s": 2.0,
+                "shards": [{"steps": 5, "train_s": 1.0, "data_s": 0.01}, {"steps": 5, "train_s": 1.5, "data_s": 0.03}],
+            },
+            {"round": 3, "round_s": 4.0, "shards": [{"steps": 5, "train_s": 2.0, "data_s": 0.1}] * 2},
+        ]
+    }
+    thr = job.round_throughput(manifest, batch_size=4)
+    assert [r["images_per_s"] for r in thr["rounds"]] == pytest.approx([4.0, 20.0, 10.0])
+    assert thr["images_per_s_median"] == pytest.approx(15.0)  # rounds 2 and 3
+    eff = job.scaling_efficiency({1: 10.0, 2: 15.0, 4: 20.0})
+    assert eff == pytest.approx({1: 1.0, 2: 0.75, 4: 0.5})
+    with pytest.raises(ValueError):
+        job.scaling_efficiency({2: 15.0})
+    dp = job.data_path(manifest)
+    assert dp["idle_fraction_first_round"] == pytest.approx(0.25)
+    # per round the shard with the largest data_s / train_s: 0.03/1.5 = 0.02 in round 2, 0.05 in round 3
+    assert [r["idle_fraction"] for r in dp["rounds"]] == pytest.approx([0.25, 0.02, 0.05])
+    assert dp["idle_fraction_median"] == pytest.approx(0.035)
+
+
+def test_round_projection_for_k_nodes():
+    job = _job()
+    # 1 GB states, 4 nodes, 10 GB/s network, 20 GB/s aggregation traffic, 100 s of training
+    p = job.project_round(10**9, 4, 100.0, net_GBps=10.0, agg_GBps=20.0)
+    assert p["gather_s"] == pytest.approx(3 * 2 * 1.0 / 10.0)
+    assert p["broadcast_s"] == pytest.approx(0.6)
+    assert p["aggregate_s"] == pytest.approx(2 * 14 * 1.0 / 20.0)  # (3K+2) passes of 1 GB, raw and EMA
+    assert p["overhead_fraction"] == pytest.approx(p["overhead_s"] / (p["overhead_s"] + 100.0))
+    assert p["efficiency"] == pytest.approx(1 - p["overhead_fraction"])
+    assert job.project_round(10**9, 1, 100.0, 10.0, 20.0)["gather_s"] == 0.0  # one node: nothing crosses a NIC
+
+
+def test_flops_are_counted_and_peaks_known_by_name():
+    job = _job()
+    assert job.peak_flops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4e12)
+    assert job.peak_flops("NVIDIA H200") == pytest.approx(989.4e12)
+    assert job.peak_flops(None) is None and job.peak_flops("Tesla T4") is None
+    from memshard.config import load_config
+
+    base = ["model.preset=tiny", "data.image_size=16", "data.channels=1"]
+    f4 = job.step_flops(load_config("demo", [*base, "train.batch_size=4"]), job.torch.device("cpu"))
+    f8 = job.step_flops(load_config("demo", [*base, "train.batch_size=8"]), job.torch.device("cpu"))
+    assert f4 > 0 and f8 == pytest.approx(2 * f4, rel=0.02)  # convolutions and matmuls scale with the batch
+
+
 @pytest.mark.ray
 def test_bench_throughput_tiny_end_to_end(ray_cluster, tmp_path):
     job = _job()
@@ -107,6 +159,30 @@ def test_bench_throughput_tiny_end_to_end(ray_cluster, tmp_path):
     assert agg["k"] == 4 and agg["params"] == job.SIZES["tiny"].agg_params
     assert agg["input_GBps"] > 0 and agg["copy"]["traffic_GBps"] > 0
     assert 0 < agg["fraction_of_copy_bandwidth"] and math.isfinite(agg["fraction_of_copy_bandwidth"])
+
+    case = res["agc_overhead_cases"][0]
+    assert case["flops_per_step"] > 0 and case["peak_flops"] is None  # no MFU for a CPU
+    for arm in case["arms"].values():
+        assert arm["achieved_flops"] == pytest.approx(case["flops_per_step"] / arm["step_s_median"])
+        assert arm["mfu"] is None and arm["compile"] == "off"
+    assert "fast_vs_plain" not in res  # the compiled arm runs on CUDA only
+
+    dp = res["data_path"]
+    assert [r["round"] for r in dp["rounds"]] == [1, 2, 3]
+    assert 0 < dp["idle_fraction_first_round"] < 1 and 0 <= dp["idle_fraction_median"] < 1
+
+    sc = res["scaling"]
+    assert sc["k"] == [1, 2] and sc["efficiency"]["1"] == pytest.approx(1.0)
+    assert sc["efficiency"]["2"] == pytest.approx(sc["images_per_s"]["2"] / (2 * sc["images_per_s"]["1"]))
+    assert sc["round_s_median"]["2"] == orch["round_s_median"]  # the orchestration run is reused for K=2
+
+    sm = res["sampling"]
+    assert sm["batched"]["images_per_s"] > 0 and sm["one_at_a_time"]["batch"] == 1
+    assert sm["batching_speedup"] == pytest.approx(sm["batched"]["images_per_s"] / sm["one_at_a_time"]["images_per_s"])
+
+    kn = res["knn"]
+    scale = (65_536 * 50_000 * 3072) / (kn["queries"] * kn["train"] * kn["dims"])
+    assert kn["extrapolated_time_s"] == pytest.approx(kn["time_s"] * scale) and kn["gflops"] > 0
 
     dev = res["device"]
     assert dev["cpu_model"] and dev["torch"] and dev["torch_threads"] >= 1
