@@ -53,7 +53,7 @@ from memshard.proxy import Proxy, ShardData, batch_order
 from memshard.unet import build_scheduler, build_unet
 
 BASE_PRESET = "demo"
-PARTS = ("agc", "orchestration", "scaling", "aggregation", "sampling", "knn")
+PARTS = ("agc", "flops", "orchestration", "scaling", "aggregation", "sampling", "knn")
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ SIZES: dict[str, Size] = {
             "data.limit=96",
             "shards.count=2",
             "train.rounds=4",
-            "train.steps_per_round=40",
+            "train.steps_per_round=300",  # the spec's round: 100 local epochs of a 48-image shard at batch 16
             "train.batch_size=16",
             "train.warmup_steps=5",
             "resources.cpus_per_shard=0.5",
@@ -387,6 +387,7 @@ def project_round(
     broadcast = (k - 1) * states * state_bytes / (net_GBps * 1e9)
     overhead = gather + aggregate + broadcast
     return {
+        "min_train_s_for_3pct": overhead * 0.97 / 0.03,  # a round this long keeps the fixed cost at 3%
         "k": k,
         "gather_s": gather,
         "aggregate_s": aggregate,
@@ -396,6 +397,50 @@ def project_round(
         "overhead_fraction": overhead / (overhead + train_s),
         "efficiency": train_s / (overhead + train_s),
     }
+
+
+SD_UNET_PARAMS = 859_520_964  # Stable Diffusion 1.x UNet2DConditionModel
+NIC_GBPS = {"100GbE": 12.5, "400Gb InfiniBand": 50.0}
+
+
+def projection(agg_traffic_GBps: float, ks: Sequence[int] = (2, 4, 8, 16, 32)) -> dict[str, Any]:
+    """Per-round fixed cost of an SD-sized run on K nodes, at this machine's aggregation rate (paper sizing)."""
+    state = SD_UNET_PARAMS * 4
+    return {
+        "state_bytes": state,
+        "agg_traffic_GBps": agg_traffic_GBps,
+        "nics": {
+            nic: [project_round(state, k, 0.0, gbps, agg_traffic_GBps) for k in ks] for nic, gbps in NIC_GBPS.items()
+        },
+        "definition": "project_round with train_s = 0: overhead_s per round (raw + EMA fp32 states gathered to one "
+        "node, averaged at the measured aggregation traffic rate, pulled back by the other nodes); "
+        "min_train_s_for_3pct = the round length at which that is 3%.",
+    }
+
+
+def reference_flops(presets: Sequence[str] = ("ddpm-cifar10", "small"), batch: int = 128) -> dict[str, Any]:
+    """Counted FLOPs per image of a training step for the GPU reference configs (meta tensors: no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    out: dict[str, Any] = {}
+    for preset in presets:
+        cfg = load_config(
+            BASE_PRESET,
+            [f"model.preset={preset}", "data.image_size=32", "data.channels=3", f"train.batch_size={batch}"],
+        )
+        with torch.device("meta"):
+            unet = build_unet(cfg)
+            x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,))
+            with FlopCounterMode(display=False) as counter:
+                unet(x, t).sample.float().square().mean().backward()
+        per_image = counter.get_total_flops() / batch
+        out[preset] = {
+            "params": sum(p.numel() for p in unet.parameters()),
+            "flops_per_image": per_image,
+            # issue 8's reference rates for the plain loop on an H100 (eager bf16 / compiled) and the 2x target
+            "h100_mfu_at": {str(r): r * per_image / PEAK_BF16_FLOPS["H100"] for r in (1850, 2300, 3700)},
+        }
+    return out
 
 
 # --------------------------------------------------------------------------- step timing
@@ -523,6 +568,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _run_round(runner: Proxy | PlainLoop, round_id: int, data: ShardData, steps: int) -> Any:
+    """One round of either kind of loop; the proxy's RoundResult (None for the plain loop)."""
+    if isinstance(runner, Proxy):
+        return runner.train_round(round_id, data, steps=steps)
+    runner.train_round(round_id, data, steps)
+    return None
+
+
+def profile_arms(case: StepCase, arms: Sequence[str], device: torch.device, top: int = 12) -> dict[str, Any]:
+    """Where the method's extra step time goes: self time per op, method arm minus plain (torch.profiler).
+
+    One warm round per arm, then one profiled round. The rows with the largest positive
+    difference are the bookkeeping the method adds (or noise in shared kernels, which shows as
+    both signs).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    per_arm: dict[str, dict[str, float]] = {}
+    for arm in arms:
+        cfg = step_config(case, arm, device.type)
+        data = synthetic_shard(cfg, case.samples, device)
+        runner: Any = PlainLoop(cfg, device) if ARMS[arm][1] is None else Proxy(cfg, 0, device)
+        _run_round(runner, 1, data, case.steps)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            _run_round(runner, 2, data, case.steps)
+            _sync(device)
+        attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        per_arm[arm] = {e.key: getattr(e, attr) / 1e3 / case.steps for e in prof.key_averages()}  # ms per step
+    base, method = per_arm[arms[0]], per_arm[arms[-1]]
+    diff = {k: method.get(k, 0.0) - base.get(k, 0.0) for k in set(base) | set(method)}
+    rows = sorted(diff.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "arms": list(arms),
+        "total_ms_per_step": {a: sum(v.values()) for a, v in per_arm.items()},
+        "top_extra_ms_per_step": [{"op": k, "extra_ms": v, "method_ms": method.get(k, 0.0)} for k, v in rows],
+        "definition": f"self {'device' if device.type == 'cuda' else 'CPU'} time per op and step, "
+        f"{arms[-1]} minus {arms[0]}, one profiled round of {case.steps} steps each.",
+    }
+
+
 def bench_steps(case: StepCase, arms: Sequence[str], device: torch.device) -> dict[str, Any]:
     """Interleaved repetitions of one proxy round (``case.steps`` steps) per arm; medians per step."""
     runners: dict[str, Any] = {}
@@ -540,11 +626,7 @@ def bench_steps(case: StepCase, arms: Sequence[str], device: torch.device) -> di
             runner, data = runners[arm], datas[arm]
             _sync(device)
             t0 = time.perf_counter()
-            if isinstance(runner, Proxy):
-                res = runner.train_round(rep + 2, data, steps=case.steps)
-            else:
-                runner.train_round(rep + 2, data, case.steps)
-                res = None
+            res = _run_round(runner, rep + 2, data, case.steps)
             _sync(device)
             dt = (time.perf_counter() - t0) / case.steps
             if rep >= 0:
@@ -611,7 +693,7 @@ def bench_orchestration(size: Size, workdir: str, device: torch.device, shards: 
         gpus = torch.cuda.device_count()
         per = 1.0 if cfg.shards.count <= gpus else gpus / cfg.shards.count
         cfg = load_config(BASE_PRESET, [*overrides, f"resources.gpus_per_shard={per:g}"])
-    run_dir = os.path.join(workdir, f"ray-run-k{cfg.shards.count}")
+    run_dir = tempfile.mkdtemp(prefix=f"ray-run-k{cfg.shards.count}-", dir=workdir)
     served_at: dict[int, float] = {}
 
     def on_round(summary: dict[str, Any]) -> None:
@@ -623,6 +705,7 @@ def bench_orchestration(size: Size, workdir: str, device: torch.device, shards: 
     with open(os.path.join(run_dir, "run.json")) as fh:
         manifest = json.load(fh)
     res = orchestration_rounds(manifest, round_marks(run_dir, served_at))
+    shard_images = max(1, min(int(sh["size"]) for sh in manifest["rounds"][-1]["shards"]))
     res["throughput"] = round_throughput(manifest, cfg.train.batch_size)
     res["data_path"] = data_path(manifest)
     res.update(
@@ -643,41 +726,107 @@ def bench_orchestration(size: Size, workdir: str, device: torch.device, shards: 
             "breakdown_source": "run.json has round_s and shards[].train_s only; proxies_saved_at_s, aggregated_at_s, "
             "stats_written_at_s are file mtimes in RUN/ and served_at_s the driver's on_round call, all in s from the "
             "round's start (the previous round's on_round).",
-            "caveat": f"upper bound: these rounds train {cfg.train.steps_per_round} steps per shard; the spec's "
-            "default round is train.epochs_per_round=100 local epochs (thousands of steps), so the fixed per-round "
-            "cost is a far smaller share there.",
+            "caveat": f"upper bound for this model: these rounds train {cfg.train.steps_per_round} steps per shard, "
+            f"{cfg.train.steps_per_round * cfg.train.batch_size / shard_images:.0f} local epochs of a "
+            f"{shard_images}-image shard; the spec's default round is 100 local epochs of the shard (on 4 CIFAR-10 "
+            "shards of 12,500 at batch 128, about 9,800 steps), where the fixed per-round cost is a smaller share.",
         }
     )
     return res
 
 
-def bench_scaling(size: Size, workdir: str, device: torch.device, have: dict[str, Any] | None = None) -> dict[str, Any]:
+def bench_scaling(size: Size, workdir: str, device: torch.device) -> dict[str, Any]:
     """Round throughput with K shard actors against one (item 4), from real runs.
 
     On one machine the K actors share its cores (or its one GPU), so the efficiency measures
     how much of the machine's parallelism the orchestration keeps, not K-node scaling; that is
     projected in BENCHMARKS.md from the measured aggregation rate (:func:`project_round`).
-    ``have`` is the orchestration run's result, reused for its own K.
+    Every K gets a fresh run, in increasing order, after the orchestration run has warmed the
+    cluster (a new Ray cluster's background start-up takes CPU from the first rounds).
     """
     cap = (torch.cuda.device_count() if device.type == "cuda" else os.cpu_count()) or 1
     ks = sorted({k for k in size.scaling_k if k <= max(cap, 1)} | {1})
     runs: dict[int, dict[str, Any]] = {}
+    ceiling: dict[int, float] = {}
     for k in ks:
-        if have is not None and have["config"]["shards"] == k:
-            runs[k] = have
-        else:
-            runs[k] = bench_orchestration(size, workdir, device, shards=k)
+        if device.type == "cpu":  # what K independent loops get from this machine right now
+            ceiling[k] = parallel_ceiling(size.cases[0], k, window_s=size.cases[0].steps * 0.5)
+        runs[k] = bench_orchestration(size, workdir, device, shards=k)
     thr = {k: r["throughput"]["images_per_s_median"] for k, r in runs.items()}
+    eff = scaling_efficiency(thr)
     return {
         "k": ks,
         "images_per_s": thr,
-        "efficiency": scaling_efficiency(thr),
+        "efficiency": eff,
+        "ceiling_images_per_s": ceiling or None,
+        "efficiency_vs_ceiling": (
+            {k: eff[k] * k * ceiling[1] / ceiling[k] for k in ks} if ceiling and ceiling[1] > 0 else None
+        ),
         "round_s_median": {k: r["round_s_median"] for k, r in runs.items()},
         "train_s_max_median": {k: r["train_s_max_median"] for k, r in runs.items()},
         "workers": f"{cap} {'GPUs' if device.type == 'cuda' else 'CPU cores'}",
         "definition": "images/s = sum over shards of steps x batch / round_s, median over rounds >= 2; efficiency = "
-        "images/s(K) / (K x images/s(1)).",
+        "images/s(K) / (K x images/s(1)). On the CPU, ceiling_images_per_s is the summed rate of K independent "
+        "plain loops (separate processes, same window) measured just before each run: virtual CPUs do not always "
+        "give K times one, and efficiency_vs_ceiling = (images/s(K) / images/s(1)) / (ceiling(K) / ceiling(1)).",
     }
+
+
+CEILING_FLAG = "--ceiling-worker"
+
+
+def ceiling_worker(case_name: str, window_s: float) -> None:
+    """One independent plain loop: the images/s it trains in a window the parent opens for all workers.
+
+    Run as a separate process (``python bench_throughput.py --ceiling-worker CASE WINDOW``): it
+    builds its loop, prints ``ready``, reads the window's start (wall clock) from stdin, counts
+    the steps it finishes inside the window and prints the rate. Every worker measures the
+    same seconds of the machine.
+    """
+    torch.set_num_threads(1)
+    case = next(c for size in SIZES.values() for c in size.cases if c.name == case_name)
+    cfg = step_config(case, "plain", "cpu")
+    loop = PlainLoop(cfg, torch.device("cpu"))
+    data = synthetic_shard(cfg, case.samples, torch.device("cpu"))
+    loop.train_round(1, data, 2)
+    print("ready", flush=True)
+    start_at = float(sys.stdin.readline())
+    while time.time() < start_at:
+        loop.train_round(1, data, 1)
+    done, r = 0, 2
+    while time.time() < start_at + window_s:
+        loop.train_round(r, data, 1)
+        done, r = done + 1, r + 1
+    print(done * cfg.train.batch_size / window_s, flush=True)
+
+
+def parallel_ceiling(case: StepCase, k: int, window_s: float) -> float:
+    """Summed images/s of K concurrent single-thread plain loops in separate processes (this machine, now)."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), CEILING_FLAG, case.name, repr(window_s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env) for _ in range(k)]
+    try:
+        for proc in procs:
+            line = proc.stdout.readline()
+            if line.strip() != "ready":
+                raise RuntimeError(f"ceiling worker failed to start (exit {proc.wait()})")
+        start_at = repr(time.time() + 0.5)
+        for proc in procs:
+            proc.stdin.write(start_at + "\n")
+            proc.stdin.flush()
+        rates = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=window_s + 120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"ceiling worker exited with {proc.returncode}")
+            rates.append(float(out.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return sum(rates)
 
 
 # --------------------------------------------------------------------------- sampling and search
@@ -948,6 +1097,13 @@ def table(res: dict[str, Any]) -> str:
             f"K={k}: {sc['images_per_s'][k]:.0f} img/s (eff. {sc['efficiency'][k]:.0%})" for k in sc["k"]
         )
         lines.append(f"scaling    {parts_s} on {sc['workers']}")
+        if sc.get("ceiling_images_per_s"):
+            ceil = sc["ceiling_images_per_s"]
+            cells = ", ".join(
+                f"K={k}: x{ceil[k] / ceil[1]:.2f} (eff. vs ceiling {sc['efficiency_vs_ceiling'][k]:.0%})"
+                for k in sc["k"]
+            )
+            lines.append(f"  machine ceiling (K independent plain loops): {cells}")
     sm = res.get("sampling")
     if sm:
         lines.append(
@@ -962,12 +1118,35 @@ def table(res: dict[str, Any]) -> str:
             f"({kn['gflops']:.0f} GFLOP/s); "
             f"65,536x50,000x3072 extrapolated {kn['extrapolated_time_s']:.0f} s"
         )
+    prof = res.get("agc_profile")
+    if prof:
+        tot = prof["total_ms_per_step"]
+        lines.append(
+            f"profile    self time ms/step: {', '.join(f'{a} {v:.2f}' for a, v in tot.items())}; largest extra:"
+        )
+        for row in prof["top_extra_ms_per_step"][:8]:
+            lines.append(f"  {row['op']:<40} {row['extra_ms']:+.3f} ms ({row['method_ms']:.3f})")
+    pr = res.get("projection")
+    if pr:
+        for nic, rows in pr["nics"].items():
+            cells = ", ".join(f"K={r['k']} {r['overhead_s']:.1f} s" for r in rows)
+            lines.append(f"projection SD UNet, {nic}: fixed cost per round {cells}")
+    for preset, rf in (res.get("reference_flops") or {}).items():
+        mfu = ", ".join(f"{r} img/s {v:.1%}" for r, v in rf["h100_mfu_at"].items())
+        lines.append(
+            f"flops      {preset} ({rf['params'] / 1e6:.1f}M): {rf['flops_per_image'] / 1e9:.2f} GFLOP/img per step; "
+            f"H100 MFU at {mfu}"
+        )
     d = res["device"]
     lines.append(f"device  {d['cpu_model']} ({d['cpu_count']} cores), torch {d['torch']}, {d['torch_threads']} threads")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == CEILING_FLAG:
+        ceiling_worker(argv[1], float(argv[2]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sz = ap.add_mutually_exclusive_group()
     sz.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
@@ -976,6 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="for the step timing and Ray run")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     ap.add_argument("--workdir", default=None, help="where the Ray run goes (default: a temporary directory)")
+    ap.add_argument("--profile", action="store_true", help="also profile plain vs agc_taa: where the extra time goes")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -988,7 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     t_start = time.perf_counter()
-    res: dict[str, Any] = {"size": name, "command": " ".join([os.path.basename(sys.argv[0]), *(argv or sys.argv[1:])])}
+    res: dict[str, Any] = {"size": name, "command": " ".join([os.path.basename(sys.argv[0]), *argv])}
     res["device"] = device_info(device)
 
     if "agc" in parts:
@@ -1012,6 +1192,8 @@ def main(argv: list[str] | None = None) -> int:
             "interleaved repetitions (one proxy round each, ABC..CBA order); TAA queue-mode extra steps count as "
             "steps, as in the round's step budget.",
         }
+        if args.profile:
+            res["agc_profile"] = profile_arms(cases[0], list(HEADLINE[::-1]), device)
         fast = [c for c in res["agc_overhead_cases"] if FAST[0] in c["arms"]]
         if fast:
             res["fast_vs_plain"] = [
@@ -1032,12 +1214,16 @@ def main(argv: list[str] | None = None) -> int:
             res["orchestration_overhead"] = bench_orchestration(size, workdir, device)
             res["data_path"] = res["orchestration_overhead"]["data_path"]
         if "scaling" in parts:
-            res["scaling"] = bench_scaling(size, workdir, device, res.get("orchestration_overhead"))
+            res["scaling"] = bench_scaling(size, workdir, device)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     if "aggregation" in parts:
         res["aggregation"] = bench_aggregation(size.agg_params, 4, size.agg_reps, size.copy_params)
+    if "aggregation" in parts:
+        res["projection"] = projection(res["aggregation"]["traffic_GBps"])
+    if "flops" in parts:
+        res["reference_flops"] = reference_flops()
     if "sampling" in parts:
         res["sampling"] = bench_sampling(size, device)
     if "knn" in parts:

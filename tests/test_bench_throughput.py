@@ -116,6 +116,19 @@ def test_round_projection_for_k_nodes():
     assert job.project_round(10**9, 1, 100.0, 10.0, 20.0)["gather_s"] == 0.0  # one node: nothing crosses a NIC
 
 
+def test_reference_flops_and_sd_projection():
+    job = _job()
+    ref = job.reference_flops(("ddpm-cifar10",), batch=4)["ddpm-cifar10"]
+    assert ref["params"] == pytest.approx(35.7e6, rel=0.01)  # issue 8's reference model
+    assert 30e9 < ref["flops_per_image"] < 45e9  # ~3x the forward's ~12 GFLOP (6.1 GMACs at 32x32)
+    assert ref["h100_mfu_at"]["3700"] == pytest.approx(2 * ref["h100_mfu_at"]["1850"])
+    pr = job.projection(20.0, ks=(1, 4))
+    one, four = pr["nics"]["100GbE"]
+    assert one["gather_s"] == 0 and four["gather_s"] == pytest.approx(3 * 2 * job.SD_UNET_PARAMS * 4 / 12.5e9)
+    assert four["min_train_s_for_3pct"] == pytest.approx(four["overhead_s"] * 0.97 / 0.03)
+    assert pr["nics"]["400Gb InfiniBand"][1]["overhead_s"] < four["overhead_s"]
+
+
 def test_flops_are_counted_and_peaks_known_by_name():
     job = _job()
     assert job.peak_flops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4e12)
@@ -133,7 +146,7 @@ def test_flops_are_counted_and_peaks_known_by_name():
 def test_bench_throughput_tiny_end_to_end(ray_cluster, tmp_path):
     job = _job()
     out = tmp_path / "throughput.json"
-    assert job.main(["--tiny", "--json", str(out), "--device", "cpu"]) == 0
+    assert job.main(["--tiny", "--json", str(out), "--device", "cpu", "--profile"]) == 0
     res = json.loads(out.read_text())
     assert {"agc_overhead", "orchestration_overhead", "aggregation", "device"} <= set(res)
 
@@ -166,6 +179,10 @@ def test_bench_throughput_tiny_end_to_end(ray_cluster, tmp_path):
         assert arm["achieved_flops"] == pytest.approx(case["flops_per_step"] / arm["step_s_median"])
         assert arm["mfu"] is None and arm["compile"] == "off"
     assert "fast_vs_plain" not in res  # the compiled arm runs on CUDA only
+    prof = res["agc_profile"]
+    assert prof["arms"] == ["plain", "agc_taa"] and min(prof["total_ms_per_step"].values()) > 0
+    extra = [r["extra_ms"] for r in prof["top_extra_ms_per_step"]]
+    assert extra == sorted(extra, reverse=True) and len(extra) > 3
 
     dp = res["data_path"]
     assert [r["round"] for r in dp["rounds"]] == [1, 2, 3]
@@ -174,11 +191,19 @@ def test_bench_throughput_tiny_end_to_end(ray_cluster, tmp_path):
     sc = res["scaling"]
     assert sc["k"] == [1, 2] and sc["efficiency"]["1"] == pytest.approx(1.0)
     assert sc["efficiency"]["2"] == pytest.approx(sc["images_per_s"]["2"] / (2 * sc["images_per_s"]["1"]))
-    assert sc["round_s_median"]["2"] == orch["round_s_median"]  # the orchestration run is reused for K=2
+    assert sc["round_s_median"]["1"] > 0 and sc["train_s_max_median"]["2"] > 0
+    # the machine's own ceiling, from K separate plain-loop processes measured over the same window
+    ceil = sc["ceiling_images_per_s"]
+    assert ceil["1"] > 0 and ceil["2"] > 0
+    speedup = sc["images_per_s"]["2"] / sc["images_per_s"]["1"]
+    assert sc["efficiency_vs_ceiling"]["2"] == pytest.approx(speedup / (ceil["2"] / ceil["1"]))
 
     sm = res["sampling"]
     assert sm["batched"]["images_per_s"] > 0 and sm["one_at_a_time"]["batch"] == 1
     assert sm["batching_speedup"] == pytest.approx(sm["batched"]["images_per_s"] / sm["one_at_a_time"]["images_per_s"])
+
+    assert res["projection"]["agg_traffic_GBps"] == agg["traffic_GBps"]
+    assert set(res["reference_flops"]) == {"ddpm-cifar10", "small"}
 
     kn = res["knn"]
     scale = (65_536 * 50_000 * 3072) / (kn["queries"] * kn["train"] * kn["dims"])
