@@ -183,6 +183,9 @@ def test_bench_throughput_tiny_end_to_end(ray_cluster, tmp_path):
     assert prof["arms"] == ["plain", "agc_taa"] and min(prof["total_ms_per_step"].values()) > 0
     extra = [r["extra_ms"] for r in prof["top_extra_ms_per_step"]]
     assert extra == sorted(extra, reverse=True) and len(extra) > 3
+    only = prof["only_in_method_top"]
+    assert 0 < prof["only_in_method_ms_per_step"] < prof["total_ms_per_step"]["agc_taa"]
+    assert any("index_add" in r["op"] or "scatter" in r["op"] or "index" in r["op"] for r in only)
 
     dp = res["data_path"]
     assert [r["round"] for r in dp["rounds"]] == [1, 2, 3]
