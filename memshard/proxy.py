@@ -216,6 +216,7 @@ class Proxy:
         self.nonfinite_steps = 0  # steps skipped for a NaN/inf loss over all rounds
         self.nonfinite_ids: list[int] = []  # their offending sample ids, sorted, at most NONFINITE_IDS_KEPT
         self.amp_dtype = self._amp_dtype()
+        self.text_mask = True  # pass caption masks to the UNet; set per round from the shard (CLIP: no mask)
         # what the step calls; self.unet (the same parameters) is what is saved, loaded and averaged
         self.model = CompiledModel(
             self.unet,
@@ -366,6 +367,7 @@ class Proxy:
             raise ValueError(f"shard {self.shard_id} is empty in round {round_id}")
         steps = steps if steps is not None else steps_for(cfg, n)
         warmup = warmup_for(cfg, n)
+        self.text_mask = data.text_mask
         seed = round_seed(cfg.seed, round_id, self.shard_id)
         self.last_round_seed = seed
         torch.manual_seed(seed)  # dropout and any other global-RNG use
@@ -555,7 +557,8 @@ class Proxy:
             xt = xt.contiguous(memory_format=torch.channels_last)
         kwargs: dict = {"class_labels": cond}
         if isinstance(cond, TextCond):
-            mask = None if bool(cond.mask.all()) else cond.mask
+            # decided per shard, not per batch: reading the mask on the host would sync every step
+            mask = cond.mask if self.text_mask else None
             kwargs = {"encoder_hidden_states": cond.states.to(xt.dtype), "encoder_attention_mask": mask}
 
         def run(model: Callable[..., Any]) -> torch.Tensor:
