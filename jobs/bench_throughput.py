@@ -89,6 +89,12 @@ class Size:
 
 TINY_CASE = ("model.preset=tiny", "data.image_size=16", "data.channels=1")
 
+
+def cifar_case(preset: str, batch: int) -> tuple[str, ...]:
+    """Overrides for a UNet preset on CIFAR-shaped images (32x32 RGB) at a batch size."""
+    return (f"model.preset={preset}", "data.image_size=32", "data.channels=3", f"train.batch_size={batch}")
+
+
 SIZES: dict[str, Size] = {
     # the test's size: every code path, numbers meaningless
     "tiny": Size(
@@ -130,7 +136,7 @@ SIZES: dict[str, Size] = {
             StepCase("tiny-16px-b32", (*TINY_CASE, "train.batch_size=32"), steps=40, reps=9),
             StepCase(
                 "small-32px-b32",
-                ("model.preset=small", "data.image_size=32", "data.channels=3", "train.batch_size=32"),
+                cifar_case("small", 32),
                 steps=10,
                 reps=5,
             ),
@@ -138,14 +144,14 @@ SIZES: dict[str, Size] = {
         cuda_cases=(
             StepCase(
                 "small-32px-b128",
-                ("model.preset=small", "data.image_size=32", "data.channels=3", "train.batch_size=128"),
+                cifar_case("small", 128),
                 steps=50,
                 reps=9,
                 samples=1024,
             ),
             StepCase(
                 "ddpm-cifar10-32px-b128",
-                ("model.preset=ddpm-cifar10", "data.image_size=32", "data.channels=3", "train.batch_size=128"),
+                cifar_case("ddpm-cifar10", 128),
                 steps=30,
                 reps=7,
                 samples=1024,
@@ -424,10 +430,7 @@ def reference_flops(presets: Sequence[str] = ("ddpm-cifar10", "small"), batch: i
 
     out: dict[str, Any] = {}
     for preset in presets:
-        cfg = load_config(
-            BASE_PRESET,
-            [f"model.preset={preset}", "data.image_size=32", "data.channels=3", f"train.batch_size={batch}"],
-        )
+        cfg = load_config(BASE_PRESET, list(cifar_case(preset, batch)))
         with torch.device("meta"):
             unet = build_unet(cfg)
             x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,))
@@ -841,8 +844,7 @@ def bench_sampling(size: Size, device: torch.device) -> dict[str, Any]:
     from memshard.sampling import ddim_sample
 
     num, steps, batch = size.sampling
-    small = ("model.preset=small", "data.image_size=32", "data.channels=3")
-    cfg = load_config(BASE_PRESET, list(TINY_CASE if device.type == "cpu" else small))
+    cfg = load_config(BASE_PRESET, list(TINY_CASE if device.type == "cpu" else cifar_case("small", batch)))
     torch.manual_seed(0)
     unet = build_unet(cfg).to(device)
     sched = dict(build_scheduler(cfg).config)

@@ -1,6 +1,6 @@
 """The compiled proxy step: torch.compile, trusted only once it agrees with eager.
 
-torch.compile makes the UNet step several times faster where Python overhead or unfused
+torch.compile can make the UNet step much faster where Python overhead or unfused
 element-wise work dominates, but a compiler bug silently trains a different model. One
 was found while building this (torch 2.13.0+cpu, inductor, the tiny diffusers UNet):
 the forward pass matched eager to 1e-7 while most parameters got zero gradients. So the
@@ -9,12 +9,14 @@ through the eager module and one through the compiled one on the same inputs and
 weights, and compares output and every parameter's gradient. A mismatch means the
 proxy trains eager, with a warning naming the worst parameters; the status is reported
 per round so a user sees which path ran. It costs two extra forward/backward passes per
-actor, once.
+actor, once. Only the first batch's shapes are checked: graphs recompiled later for other
+shapes (IET-AGC+'s kept-sample batches) are trusted on that evidence.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,7 +44,10 @@ class Parity:
         return all(e <= self.tolerance for e in errors)  # NaN compares False: not ok
 
     def worst(self, n: int = 5) -> list[tuple[str, float]]:
-        return sorted(self.grad_errors.items(), key=lambda kv: -kv[1] if kv[1] == kv[1] else float("-inf"))[:n]
+        def badness(item: tuple[str, float]) -> float:  # NaN is the worst
+            return math.inf if math.isnan(item[1]) else item[1]
+
+        return sorted(self.grad_errors.items(), key=badness, reverse=True)[:n]
 
     def describe(self) -> str:
         worst = ", ".join(f"{k} {v:.2g}" for k, v in self.worst())

@@ -159,9 +159,10 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool | None = Field(
         None,
-        description="torch.compile the UNet (forward and backward; AGC, optimizer and EMA stay eager). None = on "
-        "CUDA only: on a CPU the one-off compile (about 2 min for the tiny UNet on 2 cores) outweighs short runs, "
-        "though the compiled step is several times faster there too (BENCHMARKS.md).",
+        description="torch.compile the UNet (forward and backward; AGC, optimizer and EMA stay eager), used only "
+        "once its output and gradients match eager on the first batch (memshard/compiled.py). None = on CUDA only: "
+        "on a CPU the one-off compile takes about 2 min for the tiny UNet on 2 cores, and torch 2.13's CPU inductor "
+        "fails the check for this UNet (BENCHMARKS.md).",
     )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default",

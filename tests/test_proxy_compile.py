@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from memshard.compiled import gradient_parity
+from memshard.compiled import Parity, gradient_parity
 from memshard.config import load_config
 from memshard.progress import summary_line
 from memshard.proxy import Proxy, ShardData
@@ -82,6 +82,12 @@ def test_gradient_parity_catches_a_compiled_module_with_missing_gradients():
     assert torch.equal(net.a.weight.grad, torch.full_like(net.a.weight, 7.0)) and net.b.weight.grad is None
     good = gradient_parity(net, torch.compile(net, backend="aot_eager"), lambda m: m(x), tolerance=1e-3)
     assert good.ok and max(good.grad_errors.values()) < 1e-6
+
+
+def test_a_nan_gradient_is_the_worst_and_fails_the_check():
+    parity = Parity(0.0, {"a": 0.5, "b": float("nan"), "c": 1e-5}, tolerance=1e-3)
+    assert not parity.ok and [k for k, _ in parity.worst(2)] == ["b", "a"]
+    assert Parity(1e-6, {"a": 1e-4}, tolerance=1e-3).ok
 
 
 def test_a_rejected_compile_trains_exactly_like_eager():
