@@ -426,19 +426,12 @@ def projection(agg_traffic_GBps: float, ks: Sequence[int] = (2, 4, 8, 16, 32)) -
 
 def reference_flops(presets: Sequence[str] = ("ddpm-cifar10", "small"), batch: int = 128) -> dict[str, Any]:
     """Counted FLOPs per image of a training step for the GPU reference configs (meta tensors: no compute)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     out: dict[str, Any] = {}
     for preset in presets:
-        cfg = load_config(BASE_PRESET, list(cifar_case(preset, batch)))
-        with torch.device("meta"):
-            unet = build_unet(cfg)
-            x, t = torch.randn(batch, 3, 32, 32), torch.randint(0, 1000, (batch,))
-            with FlopCounterMode(display=False) as counter:
-                unet(x, t).sample.float().square().mean().backward()
-        per_image = counter.get_total_flops() / batch
+        flops, params = step_flops(load_config(BASE_PRESET, list(cifar_case(preset, batch))), torch.device("meta"))
+        per_image = flops / batch
         out[preset] = {
-            "params": sum(p.numel() for p in unet.parameters()),
+            "params": params,
             "flops_per_image": per_image,
             # issue 8's reference rates for the plain loop on an H100 (eager bf16 / compiled) and the 2x target
             "h100_mfu_at": {str(r): r * per_image / PEAK_BF16_FLOPS["H100"] for r in (1850, 2300, 3700)},
@@ -552,8 +545,11 @@ class PlainLoop:
             torch.cuda.synchronize(self.device)
 
 
-def step_flops(cfg: MemshardConfig, device: torch.device) -> int:
-    """FLOPs of one training step's forward + backward of the UNet (counted, not estimated)."""
+def step_flops(cfg: MemshardConfig, device: torch.device) -> tuple[int, int]:
+    """(FLOPs, parameters) of one training step's forward + backward of the UNet (counted, not estimated).
+
+    On the ``meta`` device nothing is computed: the count of an SD- or CIFAR-sized step costs nothing.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     unet = build_unet(cfg).to(device)
@@ -563,12 +559,19 @@ def step_flops(cfg: MemshardConfig, device: torch.device) -> int:
     labels = torch.zeros(b, dtype=torch.long, device=device) if cfg.model.class_conditional else None
     with FlopCounterMode(display=False) as counter:
         unet(x, t, class_labels=labels).sample.float().square().mean().backward()
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()), sum(p.numel() for p in unet.parameters())
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def arm_runner(case: StepCase, arm: str, device: torch.device) -> tuple[Proxy | PlainLoop, ShardData]:
+    """The loop an arm times (the plain diffusers loop or a configured proxy) and its synthetic shard."""
+    cfg = step_config(case, arm, device.type)
+    runner = PlainLoop(cfg, device) if ARMS[arm][1] is None else Proxy(cfg, 0, device)
+    return runner, synthetic_shard(cfg, case.samples, device)
 
 
 def _run_round(runner: Proxy | PlainLoop, round_id: int, data: ShardData, steps: int) -> Any:
@@ -590,9 +593,7 @@ def profile_arms(case: StepCase, arms: Sequence[str], device: torch.device, top:
 
     per_arm: dict[str, dict[str, float]] = {}
     for arm in arms:
-        cfg = step_config(case, arm, device.type)
-        data = synthetic_shard(cfg, case.samples, device)
-        runner: Any = PlainLoop(cfg, device) if ARMS[arm][1] is None else Proxy(cfg, 0, device)
+        runner, data = arm_runner(case, arm, device)
         _run_round(runner, 1, data, case.steps)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
@@ -621,11 +622,8 @@ def bench_steps(case: StepCase, arms: Sequence[str], device: torch.device) -> di
     runners: dict[str, Any] = {}
     datas: dict[str, ShardData] = {}
     for arm in arms:
-        cfg = step_config(case, arm, device.type)
-        datas[arm] = synthetic_shard(cfg, case.samples, device)
-        runners[arm] = PlainLoop(cfg, device) if ARMS[arm][1] is None else Proxy(cfg, 0, device)
-    params = sum(p.numel() for p in runners[arms[0]].unet.parameters())
-    flops = step_flops(step_config(case, arms[0], device.type), device)
+        runners[arm], datas[arm] = arm_runner(case, arm, device)
+    flops, params = step_flops(step_config(case, arms[0], device.type), device)
     times: dict[str, list[float]] = {a: [] for a in arms}
     skip_rates: dict[str, list[float]] = {a: [] for a in arms}
     for rep in range(-1, case.reps):  # rep -1: untimed warm-up (allocator, autotuning, a filled memory bank)
