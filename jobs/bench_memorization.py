@@ -1,49 +1,84 @@
-"""The training-time memorization benchmark: plain training vs IET, IET-AGC and IET-AGC+, like for like.
+"""The training-time memorization benchmark: privacy at matched quality, against plain training stopped early.
 
-Every method trains for the same total number of optimizer steps with the same batch size
-(so the same number of images seen), the same data, the same seed and the same rounds; a
-K-shard method runs S steps per shard per round, a single-model method K*S. Then each served
-model is evaluated the same way (``memshard evaluate``: 1/3-rule memorized fraction, NN-ratio
-fractions, copy similarity, FID) and the job writes OUT/results.md (table + analysis),
-OUT/results.json and OUT/bench.png (privacy-utility plot).
+A defence is worth using only if it copies less than plain training that one simply stops in
+time, at the same quality. So every arm is evaluated at every checkpoint (its memorization-FID
+curve over training), plain training's checkpoints give the early-stopping frontier E(f), and
+each arm's figure is its lowest memorized fraction among checkpoints with FID <= Q = 1.05 x plain
+training's best FID, beside E(Q), with the steps and time it took (memshard/metrics/frontier.py).
 
-Two sizes (``--size``):
+Arms (``--methods``): ``baseline`` (plain training), ``agc`` (AGC on one model), ``iet``,
+``iet-agc``, ``iet-agc-plus``; same data, seed, batch size and evaluation (same generations and
+reference). Plain training and the one-model arms checkpoint every ``base_steps`` steps; sharded
+arms every round (``shard_steps`` per shard, the averaging interval). Each non-baseline arm
+trains first to the baseline's steps; if it has not reached Q it trains on, up to
+``--max-factor`` (4) x the baseline's steps, evaluated every ``extend_steps`` steps, and stops
+at the first checkpoint that reaches Q (the rounds in between are then evaluated too). The cost
+in steps and time is part of the result.
 
-* ``cpu``: 100 of scikit-learn's digits at 16x16, the 0.28M-parameter ``tiny`` UNet. Runs on
-  a laptop or a 2-core CI box in under 30 minutes; nothing downloads.
+Sizes (``--size``):
+
+* ``cpu``: 100 of scikit-learn's digits at 16x16 (a set any model memorizes whole), the
+  0.28M-parameter ``tiny`` UNet, 4 shards, batch 64. 2-core CPU.
+* ``dup``: the realistic threat, as in LAION: 500 distinct digits of which 10 are stored 30
+  times each (790 rows). Plain training copies the duplicated images long before it fits the
+  rest, and no singleton. 2-core CPU, about 90 minutes for all five arms.
 * ``gpu``: 100 CIFAR-10 images at 32x32 (``--data``, default ../shared/data/
   cifar10-train-10k.parquet), the 9M-parameter ``small`` UNet, batch 128.
+* ``gpu-dup``: 2,000 distinct CIFAR-10 images of which 20 are stored 50 times (2,980 rows),
+  same model. Both GPU sizes run in calls of 9 minutes (``--time-budget-s 540``, repeated
+  until exit code 0).
 
-The job is resumable by design: run the same command again and finished trainings and
-evaluations are kept, an unfinished training resumes from its last committed round.
-``--time-budget-s`` makes one call stop cleanly (exit code 3) before it would overrun, which is
-how the ``gpu`` size runs on machines lent in 10-minute slices.
+Every call resumes what an earlier one left: trainings continue from their last committed
+round and evaluations already made with the same settings are reused; ``--time-budget-s``
+stops a call cleanly (exit code 3) before it would overrun. Outputs: OUT/summary.json (every
+figure, with the command, device and date; ``--publish`` copies it to
+docs/results/bench-memorization-SIZE.json and the plot beside it, from which
+``python jobs/benchmarks_md.py`` regenerates BENCHMARKS.md's tables), OUT/results.md with
+OUT/frontier.png and OUT/frontier-most-copied.png (plain training's closest copies at its
+matched checkpoint), and OUT/frontier/{frontier.csv,matched.json,frontier.png}.
 
-    python jobs/bench_memorization.py --size cpu --out runs/bench-cpu
+    python jobs/bench_memorization.py --size dup --out runs/bench-dup
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime as dt
 import json
+import math
 import os
+import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from memshard.checkpoint import RunDir
 from memshard.config import MemshardConfig, load_config
+from memshard.data import prepare
 from memshard.driver import connect, train
-from memshard.evaluate import EvalOptions, evaluate, summary_lines
+from memshard.evaluate import (
+    EvalOptions,
+    Reference,
+    evaluate_rounds,
+    prepare_reference,
+    round_eval_dir,
+    stored_round,
+)
+from memshard.frontier import build, matched_table, next_action, points_table, write_outputs
+from memshard.machine import device_info
+from memshard.metrics.frontier import Checkpoint, checkpoint_from_metrics
 from memshard.progress import console
 
 INCOMPLETE_EXIT = 3
 EVAL_NAME = "bench"
-DEFAULT_GPU_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10-train-10k.parquet")
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+RESULTS_DIR = os.path.join(ROOT, "docs", "results")
+DEFAULT_GPU_DATA = os.path.join(ROOT, "..", "shared", "data", "cifar10-train-10k.parquet")
 
 
 @dataclass(frozen=True)
@@ -66,128 +101,210 @@ METHODS: dict[str, Method] = {
         Method("iet-agc-plus", "IET-AGC+", "iet-agc-plus", sharded=True),
     )
 }
-DEFAULT_METHODS = ("baseline", "iet", "iet-agc", "iet-agc-plus")
+DEFAULT_METHODS = tuple(METHODS)
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """D of the distinct images stored M times each (memshard prepare --duplicate D:M)."""
+
+    groups: int
+    copies: int
+    seed: int = 0
 
 
 @dataclass(frozen=True)
 class Size:
-    """A benchmark size: the base config and the evaluation it gets."""
+    """A benchmark size: data, model, checkpoint schedule and evaluation."""
 
     preset: str
+    source: str  # "digits" or "cifar" (--data)
+    distinct: int  # distinct images taken from the source
     overrides: tuple[str, ...]
     shards: int
-    steps_per_shard_round: int
+    base_rounds: int  # checkpoints of plain training (>= 8 for a fine frontier)
+    base_steps: int  # steps per checkpoint of plain training and of one-model arms
+    shard_steps: int  # steps per shard per round of sharded arms (their averaging interval)
     cpus: float  # CPUs the whole run may use (split over the K proxies)
     gpus: float  # GPUs the whole run may use
     num_samples: int
     calibration_images: int
+    duplicates: Duplicates | None = None
+    extend_steps: int = 0  # beyond the baseline's steps, evaluate every this many steps (0: every round)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def base_total(self) -> int:
+        return self.base_rounds * self.base_steps
+
+    def per_round(self, sharded: bool) -> int:
+        return self.shards * self.shard_steps if sharded else self.base_steps
+
+    def extend_every(self, sharded: bool) -> int:
+        """Rounds between evaluations once an arm trains past the baseline's steps."""
+        return max(1, self.extend_steps // self.per_round(sharded))
+
+    def equal_rounds(self, sharded: bool) -> int:
+        """Rounds an arm needs for the baseline's total steps."""
+        per_round = self.per_round(sharded)
+        if self.base_total % per_round:
+            raise ValueError(f"baseline steps {self.base_total} are not a whole number of rounds of {per_round}")
+        return self.base_total // per_round
 
 
+_CIFAR_SMALL = (
+    "model.preset=small",
+    "train.batch_size=128",
+    "train.lr=0.0002",
+    "train.warmup_steps=100",
+    "train.ema_decay=0.999",
+)
 SIZES: dict[str, Size] = {
-    # 100 digits, 4 rounds x 4 shards x 188 steps = 3,008 steps of batch 64 (1,925 epochs of the set).
-    # Calibrated with plain training on this set: 4.5-6.6% memorized after 2,000 steps, 29% after
-    # 3,000, 40-44% after 4,000 (EMA weights, 200-256 samples). 3,000 is the budget where the
-    # baseline clearly memorizes (>= 20%) and four arms fit in 30 minutes on 2 cores.
+    # 100 digits: 8 checkpoints x 376 steps = 3,008 steps of batch 64 for plain training (the
+    # earlier equal-steps benchmark's budget, where it copies 27% of its generations); sharded arms
+    # average every 188 steps per shard (4 x 188 = 752 steps a round), 4 rounds to the baseline's steps.
     "cpu": Size(
         preset="demo",
-        overrides=("data.limit=100", "train.rounds=4", "train.batch_size=64"),
+        source="digits",
+        distinct=100,
+        overrides=("train.batch_size=64",),
         shards=4,
-        steps_per_shard_round=188,
+        base_rounds=8,
+        base_steps=376,
+        shard_steps=188,
         cpus=2.0,
         gpus=0.0,
         num_samples=256,
         calibration_images=64,
+        extend_steps=1504,
     ),
-    # 100 CIFAR-10 images, 4 rounds x 4 shards x 250 steps = 4,000 steps of batch 128.
+    # 500 distinct digits, 10 of them stored 30 times (790 rows). Plain training: 10 checkpoints x
+    # 240 steps of batch 64. Sharded arms: 300 steps per shard a round, about 100 local epochs of a
+    # 197-row shard (the spec's round), so 2 rounds reach the baseline's 2,400 steps. Calibration:
+    # BENCHMARKS.md, "dup size: calibration".
+    "dup": Size(
+        preset="demo",
+        source="digits",
+        distinct=500,
+        overrides=("train.batch_size=64",),
+        shards=4,
+        base_rounds=10,
+        base_steps=240,
+        shard_steps=300,
+        cpus=2.0,
+        gpus=0.0,
+        num_samples=256,
+        calibration_images=128,
+        duplicates=Duplicates(groups=10, copies=30),
+        extend_steps=1200,
+    ),
+    # 100 CIFAR-10 images, 8 checkpoints x 500 steps of batch 128.
     "gpu": Size(
         preset="cifar10",
-        overrides=(
-            "data.limit=100",
-            "model.preset=small",
-            "train.rounds=4",
-            "train.batch_size=128",
-            "train.lr=0.0002",
-            "train.warmup_steps=100",
-            "train.ema_decay=0.999",
-        ),
+        source="cifar",
+        distinct=100,
+        overrides=_CIFAR_SMALL,
         shards=4,
-        steps_per_shard_round=250,
+        base_rounds=8,
+        base_steps=500,
+        shard_steps=250,
         cpus=4.0,
         gpus=1.0,
         num_samples=1024,
         calibration_images=100,
+        extend_steps=2000,
+    ),
+    # 2,000 distinct CIFAR-10 images, 20 stored 50 times (2,980 rows): 12 checkpoints x 600 steps of
+    # batch 128; sharded arms 600 steps per shard a round (about 100 local epochs of a 745-row shard).
+    "gpu-dup": Size(
+        preset="cifar10",
+        source="cifar",
+        distinct=2000,
+        overrides=_CIFAR_SMALL,
+        shards=4,
+        base_rounds=12,
+        base_steps=600,
+        shard_steps=600,
+        cpus=4.0,
+        gpus=1.0,
+        num_samples=1024,
+        calibration_images=256,
+        duplicates=Duplicates(groups=20, copies=50),
+        extend_steps=2400,
     ),
 }
 
 
+# --------------------------------------------------------------------------- configs and data
+
+
+def data_file(size: Size, out: str, source_path: str | None) -> str:
+    """The benchmark's dataset, prepared once into OUT/data/ (never into the project)."""
+    dup = size.duplicates
+    tag = f"{size.source}-{size.distinct}" + ("" if dup is None else f"-dup{dup.groups}x{dup.copies}s{dup.seed}")
+    path = os.path.join(out, "data", f"{tag}.parquet")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        src = "digits" if size.source == "digits" else source_path
+        if src is None:
+            raise ValueError(f"source {size.source} needs --data (a Parquet dataset)")
+        res = prepare(
+            src,
+            path,
+            limit=size.distinct,
+            duplicate=None if dup is None else (dup.groups, dup.copies),
+            duplicate_seed=0 if dup is None else dup.seed,
+        )
+        console.print(f"prepared {res.num_rows} rows ({res.duplicate_rows} duplicate rows) into {path}")
+    return path
+
+
+def cap_rounds(size: Size, method: Method, max_factor: float) -> int:
+    """Rounds an arm is configured for: the baseline's own; others up to max_factor x its steps."""
+    equal = size.equal_rounds(method.sharded)
+    return equal if method.key == "baseline" else math.ceil(max_factor * equal)
+
+
 def method_config(
-    size: Size, method: Method, data: str | None, extra: list[str], seed: int, steps_per_shard_round: int | None = None
+    size: Size, method: Method, data: str | None, extra: list[str], seed: int, max_factor: float = 4.0
 ) -> MemshardConfig:
-    """The config of one arm. Single-model arms take K*S steps per round and all the resources."""
+    """The config of one arm; one-model arms take all the resources, sharded arms split them."""
     k = size.shards if method.sharded else 1
-    s = steps_per_shard_round or size.steps_per_shard_round
-    steps = s * (1 if method.sharded else size.shards)
+    steps = size.shard_steps if method.sharded else size.base_steps
     overrides = [
         *size.overrides,
         f"name=bench-{method.key}",
         f"seed={seed}",
         f"method={method.method}",
         f"shards.count={k}",
+        f"train.rounds={cap_rounds(size, method, max_factor)}",
         f"train.steps_per_round={steps}",
         f"resources.cpus_per_shard={size.cpus / k:g}",
         f"resources.gpus_per_shard={size.gpus / k:g}",
         "logging.progress=false",
     ]
     if data is not None:
-        overrides.append(f"data.path={data}")
+        overrides += ["data.source=null", f"data.path={data}"]
     return load_config(size.preset, [*overrides, *extra])
 
 
-def run_method(cfg: MemshardConfig, out: str, opts: EvalOptions, deadline: float | None) -> dict[str, Any] | None:
-    """Train (or resume) and evaluate one arm; None when the time budget ran out first."""
-    metrics_path = os.path.join(out, "eval", opts.name, "metrics.json")
-    timing_path = _timing_path(out)
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as fh:
-            return json.load(fh)
-    timing = {"train_s": 0.0, "eval_s": 0.0}
-    if os.path.exists(timing_path):
-        with open(timing_path) as fh:
-            timing = json.load(fh)
-    resume = os.path.exists(os.path.join(out, "run.json"))
-    left = None if deadline is None else max(0.0, deadline - time.time())
-    t0 = time.perf_counter()
-    outcome = train(cfg, out=out, resume=resume, stop_after_s=left)
-    timing["train_s"] += time.perf_counter() - t0
-    _write_json(timing_path, timing)
-    if not outcome.complete:
-        return None
-    t0 = time.perf_counter()
-    metrics = evaluate(outcome.run_uri, opts)
-    timing["eval_s"] += time.perf_counter() - t0
-    _write_json(timing_path, timing)
-    return metrics
+# --------------------------------------------------------------------------- one arm
 
 
-def curve(run_dir: str, opts: EvalOptions, rounds: int, steps_per_round: int) -> list[dict[str, Any]]:
-    """Memorization and FID of the global model after each earlier round (the arm's path over training).
+class BudgetSpent(Exception):
+    """This call's --time-budget-s is spent; the next call continues."""
 
-    Plain training evaluated this way is the early-stopping frontier: a defence is only worth
-    its cost if it sits below that curve, i.e. copies less than plain training at the same FID.
-    """
-    points = []
-    for r in range(1, rounds):
-        name = f"{opts.name}-r{r}"
-        path = os.path.join(run_dir, "eval", name, "metrics.json")
-        if os.path.exists(path):
-            with open(path) as fh:
-                m = json.load(fh)
-        else:
-            m = evaluate(run_dir, dataclasses.replace(opts, name=name, round=r))
-        points.append(
-            {"round": r, "steps": r * steps_per_round, "memorized_fraction": m["memorized_fraction"], "fid": m["fid"]}
-        )
-    return points
+
+@dataclass
+class Arm:
+    key: str
+    cfg: MemshardConfig
+    run_dir: str
+    equal_rounds: int
+    extend_every: int
+    timing: dict[str, float] = field(default_factory=lambda: {"train_s": 0.0, "eval_s": 0.0})
+    ref: Reference | None = None
+    metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 def _timing_path(run_dir: str) -> str:
@@ -198,221 +315,262 @@ def _timing_path(run_dir: str) -> str:
 def _write_json(path: str, obj: Any) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
+        json.dump(obj, fh, indent=2, default=_json_default)
     os.replace(tmp, path)
 
 
-def analyse(run_dir: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Figures from the run's own statistics: how much AGC skipped, and were the copied images skipped?
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer | np.floating | np.bool_):
+        return o.item()
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
-    A training image "is copied" when it is the nearest neighbour of at least one memorized
-    generation (per_sample.parquet). If AGC works as intended, copied images should be the
-    ones it skipped most; if they were never skipped, the threshold never caught them.
+
+def _left(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    left = deadline - time.time()
+    if left <= 0:
+        raise BudgetSpent
+    return left
+
+
+def train_to(arm: Arm, rounds: int, deadline: float | None) -> None:
+    """Train (or resume) the arm's run until ``rounds`` rounds are committed."""
+    run = RunDir(arm.run_dir)
+    manifest = run.manifest()
+    if manifest is not None and manifest["rounds_completed"] >= rounds:
+        return
+    t0 = time.perf_counter()
+    try:
+        out = train(
+            arm.cfg, out=arm.run_dir, resume=manifest is not None, stop_after_s=_left(deadline), until_round=rounds
+        )
+    finally:
+        arm.timing["train_s"] += time.perf_counter() - t0
+        _write_json(_timing_path(arm.run_dir), arm.timing)
+    if out.rounds_completed < rounds:
+        raise BudgetSpent
+
+
+def evaluate_arm(arm: Arm, rounds: list[int], opts: EvalOptions, deadline: float | None) -> None:
+    """Evaluate (or reuse) the given committed rounds of the arm."""
+    run = RunDir(arm.run_dir)
+    todo = [r for r in rounds if r not in arm.metrics]
+    fresh = []
+    for r in todo:
+        m = stored_round(run, opts.name, r, opts)
+        if m is not None:
+            arm.metrics[r] = m
+        else:
+            fresh.append(r)
+    for r in fresh:
+        _left(deadline)
+        t0 = time.perf_counter()
+        try:
+            if arm.ref is None:
+                arm.ref = prepare_reference(run, run.manifest(), opts)
+            arm.metrics.update(evaluate_rounds(arm.run_dir, opts, [r], ref=arm.ref))
+        finally:
+            arm.timing["eval_s"] += time.perf_counter() - t0
+            _write_json(_timing_path(arm.run_dir), arm.timing)
+        m = arm.metrics[r]
+        console.print(
+            f"  {arm.key} round {r}: {m['train_steps']} steps, memorized {100 * m['memorized_fraction']:.1f}%, "
+            f"FID {m['fid']:.2f}, duplicated images copied {m['duplicates']['duplicated_copied']}"
+        )
+
+
+def run_arm(arm: Arm, opts: EvalOptions, q: float | None, cap: int, deadline: float | None) -> None:
+    """Train and evaluate one arm by :func:`next_action` until it is done."""
+    while True:
+        fids = {r: m["fid"] for r, m in arm.metrics.items()}
+        # what was evaluated in an earlier call counts too (evaluate_arm reuses stored results)
+        action, rounds = next_action(
+            fids, RunDir(arm.run_dir).rounds_completed(), q, arm.equal_rounds, cap, arm.extend_every
+        )
+        if action == "done":
+            return
+        if action == "train":
+            train_to(arm, rounds[0], deadline)
+        else:
+            evaluate_arm(arm, rounds, opts, deadline)
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def analyse(arm: Arm, round_id: int) -> dict[str, Any]:
+    """The link between training statistics and outcome, up to the arm's matched checkpoint.
+
+    AGC's premise is that memorizable samples have abnormally low loss (l / m[t] small) and are
+    skipped. On duplicated data: are the duplicated samples' loss ratios lower and their skip
+    rates higher than the singletons'? Did MSR move them? On a set without duplicates the same
+    split is made between images a memorized generation copied and the rest.
     """
-    with open(os.path.join(run_dir, "run.json")) as fh:
+    path = os.path.join(arm.run_dir, round_eval_dir(EVAL_NAME, round_id), "per_sample.parquet")
+    t = pq.read_table(path).to_pydict()
+    copies = np.asarray(t["copies"])
+    visits = np.asarray(t["visits"], dtype=np.float64)
+    skips = np.asarray(t["skips"], dtype=np.float64)
+    ratio = np.asarray(t["mean_ratio"], dtype=np.float64)
+    moves = np.asarray(t["migrations"], dtype=np.float64)
+    copied = np.asarray(t["memorized_nn_count"]) > 0
+    dup = copies > 1
+    split = dup if dup.any() else copied
+    with open(os.path.join(arm.run_dir, "run.json")) as fh:
         manifest = json.load(fh)
-    with open(_timing_path(run_dir)) as fh:
-        timing = json.load(fh)
-    rounds = manifest["rounds"]
-    steps = sum(r["steps"] for r in rounds)
-    round_s = sum(r["round_s"] for r in rounds)
-    cfg = manifest["config"]
-    t = pq.read_table(os.path.join(run_dir, "eval", EVAL_NAME, "per_sample.parquet")).to_pydict()
-    copied = np.array(t["memorized_nn_count"]) > 0
-    skips = np.array(t["skips"])
-    visits = np.array(t["visits"])
-    rate = np.where(visits > 0, skips / np.maximum(visits, 1), 0.0)
+    rounds = [s for s in manifest["rounds"] if s["round"] <= round_id]
+
+    def part(mask: np.ndarray) -> dict[str, float | int | None]:
+        if not mask.any():
+            return {"rows": 0, "skip_rate": None, "mean_loss_ratio": None, "migrations_per_row": None}
+        r = ratio[mask]
+        return {
+            "rows": int(mask.sum()),
+            "skip_rate": float(skips[mask].sum() / max(visits[mask].sum(), 1)),
+            "mean_loss_ratio": float(np.nanmean(r)) if np.isfinite(r).any() else None,
+            "migrations_per_row": float(moves[mask].mean()),
+        }
+
     return {
-        "steps": int(steps),
-        "images_seen": int(steps * cfg["train"]["batch_size"]),
-        "train_s": float(timing["train_s"]),
-        "eval_s": float(timing["eval_s"]),
-        "images_per_s": float(steps * cfg["train"]["batch_size"] / max(round_s, 1e-9)),
-        "skip_rate": float(skips.sum() / max(visits.sum(), 1)),
+        "round": round_id,
+        "split": "duplicated vs singletons" if dup.any() else "copied vs other images",
+        "in": part(split),
+        "out": part(~split),
+        "skip_rate": float(sum(s["skips"] for s in rounds) / max(sum(s["visits"] for s in rounds), 1)),
+        "migrations": int(moves.sum()),
+        "dup_share_of_migrations": float(moves[split].sum() / moves.sum()) if moves.sum() > 0 else None,
         "copied_images": int(copied.sum()),
-        "copied_skip_rate": float(rate[copied].mean()) if copied.any() else float("nan"),
-        "other_skip_rate": float(rate[~copied].mean()) if (~copied).any() else float("nan"),
-        "copied_ever_skipped": float((skips[copied] > 0).mean()) if copied.any() else float("nan"),
-        "top_copy_count": int(np.max(t["memorized_nn_count"], initial=0)),
+        "copied_ever_skipped": float((skips[copied] > 0).mean()) if copied.any() else None,
     }
 
 
-def results_table(rows: list[dict[str, Any]]) -> str:
-    """The Markdown table of the benchmark (first row = the baseline the change is measured against)."""
-    base = rows[0]["metrics"]
+def analysis_table(summary: dict[str, Any]) -> str:
+    """Markdown: AGC's premise on this data, per arm (at the matched checkpoint)."""
+    arms = summary["arms"]
+    split = next(iter(arms.values()))["analysis"]["split"]
+    a_in, a_out = split.split(" vs ")
     lines = [
-        "| method | memorized (1/3 rule) | vs baseline | NN ratio < 0.3 | NN ratio < 0.5 | copy sim. p95 | FID | "
-        "FID vs baseline | steps | images/s | train s | AGC skip rate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| arm | skip rate: {a_in} | {a_out} | loss ratio l/m[t]: {a_in} | {a_out} | "
+        f"migrations per row: {a_in} | {a_out} | run skip rate |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        m, a = row["metrics"], row["analysis"]
-        mem_change = _rel(m["memorized_fraction"], base["memorized_fraction"])
-        fid_change = _rel(m["fid"], base["fid"])
-        lines.append(
-            f"| {row['label']} | {100 * m['memorized_fraction']:.1f}% | {mem_change} | "
-            f"{100 * m['nn_ratio_fraction']['0.3']:.1f}% | {100 * m['nn_ratio_fraction']['0.5']:.1f}% | "
-            f"{m['copy_similarity']['p95']:.3f} | {m['fid']:.2f} | {fid_change} | {a['steps']} | "
-            f"{a['images_per_s']:.0f} | {a['train_s']:.0f} | {100 * a['skip_rate']:.1f}% |"
-        )
-    lines.append(
-        f"\n{base['num_samples']} samples per method, {base['ddim_steps']}-step DDIM (eta 0) from {base['weights']} "
-        f"weights; FID against {base['fid_num_reference']} training images ({base['fid_extractor']}); "
-        "memorized = the nearest training image is under 1/3 of the distance to the second nearest (pixel L2)."
-    )
-    return "\n".join(lines)
 
+    def f(x: float | None, pct: bool = False) -> str:
+        if x is None:
+            return "n/a"
+        return f"{100 * x:.1f}%" if pct else f"{x:.2f}"
 
-def analysis_text(rows: list[dict[str, Any]]) -> str:
-    """Which training images were copied, and had AGC skipped them?"""
-    lines = [
-        "| method | training images copied | their mean skip rate | other images' skip rate | "
-        "copied and skipped at least once | most copies of one image |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        a = row["analysis"]
+    for _key, a in arms.items():
+        an = a["analysis"]
         lines.append(
-            f"| {row['label']} | {a['copied_images']} | {_pct(a['copied_skip_rate'])} | {_pct(a['other_skip_rate'])} | "
-            f"{_pct(a['copied_ever_skipped'])} | {a['top_copy_count']} |"
+            f"| {a['label']} | {f(an['in']['skip_rate'], True)} | {f(an['out']['skip_rate'], True)} | "
+            f"{f(an['in']['mean_loss_ratio'])} | {f(an['out']['mean_loss_ratio'])} | "
+            f"{f(an['in']['migrations_per_row'])} | {f(an['out']['migrations_per_row'])} | "
+            f"{f(an['skip_rate'], True)} |"
         )
     return "\n".join(lines)
 
 
-def targets_text(rows: list[dict[str, Any]]) -> str:
-    """The issue's efficacy targets, checked against the measured rows (never asserted in tests)."""
-    base = rows[0]["metrics"]
-    out = []
-    for row in rows[1:]:
-        m = row["metrics"]
-        cut = 1 - m["memorized_fraction"] / base["memorized_fraction"] if base["memorized_fraction"] > 0 else 0.0
-        fid_up = m["fid"] / base["fid"] - 1
-        ok_mem, ok_fid = cut >= 0.5, fid_up <= 0.05
-        out.append(
-            f"- {row['label']}: memorized fraction {100 * cut:.0f}% lower (target >= 50%: "
-            f"{'met' if ok_mem else 'missed'}), FID {100 * fid_up:+.1f}% vs baseline (target <= +5%: "
-            f"{'met' if ok_fid else 'missed'})"
-        )
-    return "\n".join(out)
+# --------------------------------------------------------------------------- report
 
 
-def curve_text(rows: list[dict[str, Any]]) -> str:
-    """Earlier checkpoints of the arms evaluated with --curve (empty when none were)."""
-    lines = []
-    for row in rows:
-        for p in row.get("curve") or []:
-            lines.append(
-                f"| {row['label']} | {p['round']} | {p['steps']} | {100 * p['memorized_fraction']:.1f}% | "
-                f"{p['fid']:.2f} |"
-            )
-    if not lines:
-        return ""
-    head = [
-        "Earlier checkpoints (same evaluation; the final round is the table above):",
-        "",
-        "| method | after round | total steps | memorized (1/3 rule) | FID |",
-        "|---|---|---|---|---|",
-    ]
-    return "\n".join(head + lines)
-
-
-def _rel(x: float, ref: float) -> str:
-    return "-" if ref == 0 else f"{100 * (x / ref - 1):+.0f}%"
-
-
-def _pct(x: float) -> str:
-    return "n/a" if x != x else f"{100 * x:.1f}%"
-
-
-def plot(rows: list[dict[str, Any]], path: str) -> None:
-    """Privacy-utility picture: memorized fraction against FID per method, plus NN-ratio curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for row in rows:
-        m = row["metrics"]
-        pts = row.get("curve") or []
-        if pts:
-            xs = [p["fid"] for p in pts] + [m["fid"]]
-            ys = [100 * p["memorized_fraction"] for p in pts] + [100 * m["memorized_fraction"]]
-            ax1.plot(xs, ys, linestyle="--", marker=".", alpha=0.6)
-            for p in pts:
-                ax1.annotate(f"{p['steps']} steps", (p["fid"], 100 * p["memorized_fraction"]), fontsize=7)
-        ax1.scatter(m["fid"], 100 * m["memorized_fraction"], s=60)
-        ax1.annotate(row["label"], (m["fid"], 100 * m["memorized_fraction"]), textcoords="offset points", xytext=(6, 4))
-        th = sorted(m["nn_ratio_fraction"], key=float)
-        ax2.plot([float(x) for x in th], [100 * m["nn_ratio_fraction"][x] for x in th], marker="o", label=row["label"])
-    ax1.set_xlabel("FID (lower is better)")
-    ax1.set_ylabel("memorized fraction, 1/3 rule (%)")
-    ax1.set_title("privacy vs quality (lower-left is better)")
-    ax1.grid(alpha=0.3)
-    ax2.set_xlabel("NN distance ratio threshold")
-    ax2.set_ylabel("generations under threshold (%)")
-    ax2.set_title("nearest-neighbour ratio fractions")
-    ax2.legend()
-    ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_report(out: str, size: str, rows: list[dict[str, Any]], command: str) -> str:
-    """results.md / results.json / bench.png under ``out``; returns the Markdown."""
+def render(summary: dict[str, Any], plot_path: str) -> str:
+    """The benchmark's Markdown (results.md, and BENCHMARKS.md's generated section)."""
+    labels = {k: a["label"] for k, a in summary["arms"].items()}
+    d = summary["data"]
+    dup = d.get("duplicates")
+    data_line = f"{d['rows']} training rows, {d['distinct']} distinct images"
+    if dup:
+        data_line += f" ({dup['groups']} of them stored {dup['copies']} times each)"
+    ev = summary["eval"]
+    result = summary["frontier"]
+    dev = summary["device"]
     parts = [
-        f"## Memorization benchmark, size `{size}`",
-        f"Command: `{command}`",
-        results_table(rows),
-        "Efficacy targets:\n" + targets_text(rows),
-        "Which training images were copied (nearest neighbour of a memorized generation), and had AGC "
-        "skipped them:\n\n" + analysis_text(rows),
-        curve_text(rows),
-        "![privacy vs quality](bench.png)",
+        f"Command: `{summary['command']}` ({summary['date']}, {dev.get('gpu') or dev['cpu_model']}, "
+        f"{dev['cpu_count']} cores; {summary['elapsed_s'] / 60:.0f} min of work in all, summed over calls).",
+        f"Data: {data_line}. Evaluation per checkpoint: {ev['num']} generations, {ev['steps']}-step DDIM (eta 0), "
+        f"{ev['weights']} weights, same seeds for every arm; memorized = 1/3 rule over distinct training images "
+        f"({ev['dedupe']} dedupe); FID against the training set as stored ({summary['fid_extractor']}).",
+        "**At matched quality**:\n\n" + matched_table(result, labels),
+        "**AGC's premise on this data** (statistics up to each arm's checkpoint above; loss ratio = the sample's "
+        "loss over its timestep's running average, which AGC skips under 1/r = 0.5):\n\n" + analysis_table(summary),
+        f"![frontier]({plot_path})",
+        f"Plain training's generations at its matched-quality checkpoint that are closest to a training image, "
+        f"each beside its nearest distinct training image:\n\n![most copied]({plot_path[:-4]}-most-copied.png)",
+        "<details><summary>Every checkpoint (the plot's data)</summary>\n\n"
+        + points_table(result, labels)
+        + "\n\n</details>",
     ]
-    text = "\n\n".join(p for p in parts if p)
-    with open(os.path.join(out, "results.md"), "w") as fh:
-        fh.write(text + "\n")
-    _write_json(os.path.join(out, "results.json"), rows)
-    plot(rows, os.path.join(out, "bench.png"))
-    return text
+    return "\n\n".join(parts)
+
+
+def publish(out: str, size: str, seed: int = 0) -> tuple[str, str]:
+    """Copy summary.json and the plots into docs/results/ (what BENCHMARKS.md is generated from).
+
+    The name is bench-memorization-SIZE, with -seedN for a seed other than 0 (a replicate).
+    """
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    name = f"bench-memorization-{size}" + (f"-seed{seed}" if seed else "")
+    js = os.path.join(RESULTS_DIR, f"{name}.json")
+    png = os.path.join(RESULTS_DIR, f"{name}.png")
+    shutil.copyfile(os.path.join(out, "summary.json"), js)
+    shutil.copyfile(os.path.join(out, "frontier.png"), png)
+    shutil.copyfile(os.path.join(out, "frontier-most-copied.png"), png[:-4] + "-most-copied.png")
+    return js, png
+
+
+# --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    parser.add_argument("--size", choices=sorted(SIZES), default="dup")
     parser.add_argument("--out", default=None, help="Output directory (default runs/bench-memorization-SIZE).")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"Comma list of {', '.join(METHODS)}.")
-    parser.add_argument("--data", default=None, help="Parquet dataset (gpu size default: the shared CIFAR-10 file).")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num", type=int, default=None, help="Generations per method (default per size).")
-    parser.add_argument("--steps", type=int, default=None, help="Steps per shard per round (default per size).")
-    parser.add_argument("--eval-steps", type=int, default=50, help="DDIM steps per generation.")
-    parser.add_argument("--time-budget-s", type=float, default=None, help="Stop this call after about this long.")
     parser.add_argument(
-        "--curve",
-        default="",
-        help="Comma list of arms whose earlier rounds are evaluated too (e.g. baseline: the early-stopping curve).",
+        "--data", default=None, help="Parquet dataset for the gpu sizes (default: the shared CIFAR-10)."
     )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num", type=int, default=None, help="Generations per checkpoint (default per size).")
+    parser.add_argument("--eval-steps", type=int, default=50, help="DDIM steps per generation.")
+    parser.add_argument("--max-factor", type=float, default=4.0, help="Arms train up to this x the baseline's steps.")
+    parser.add_argument("--time-budget-s", type=float, default=None, help="Stop this call after about this long.")
+    parser.add_argument("--publish", action="store_true", help="Copy summary.json and the plot to docs/results/.")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Extra config override k=v.")
+    parser.add_argument(
+        "--size-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="Change a field of the size (base_rounds, base_steps, shard_steps, distinct, shards, extend_steps, ...): "
+        "for calibration and tests.",
+    )
     args = parser.parse_args(argv)
 
-    size = SIZES[args.size]
+    size = _with_fields(SIZES[args.size], args.size_set, parser)
     keys = [k.strip() for k in args.methods.split(",") if k.strip()]
-    curve_keys = {k.strip() for k in args.curve.split(",") if k.strip()}
-    unknown = [k for k in [*keys, *curve_keys] if k not in METHODS]
+    unknown = [k for k in keys if k not in METHODS]
     if unknown or not keys:
         parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
-    data = args.data or (os.path.abspath(DEFAULT_GPU_DATA) if args.size == "gpu" else None)
-    if data is not None and not data.startswith("s3://") and not os.path.exists(data):
-        parser.error(f"--data {data} does not exist")
+    if "baseline" not in keys:
+        parser.error("--methods must include baseline: it defines matched quality and the early-stopping frontier")
+    keys = ["baseline", *[k for k in keys if k != "baseline"]]
+    data_src = args.data or (os.path.abspath(DEFAULT_GPU_DATA) if size.source == "cifar" else None)
+    if data_src is not None and not data_src.startswith("s3://") and not os.path.exists(data_src):
+        parser.error(f"--data {data_src} does not exist")
+    try:
+        for m in (METHODS[k] for k in keys):
+            size.equal_rounds(m.sharded)
+    except ValueError as exc:
+        parser.error(str(exc))
     out = args.out or os.path.join("runs", f"bench-memorization-{args.size}")
     os.makedirs(out, exist_ok=True)
-    deadline = None if args.time_budget_s is None else time.time() + args.time_budget_s
-    cfgs = {
-        k: method_config(size, METHODS[k], data, args.overrides, args.seed, args.steps) for k in keys
-    }  # validate all first
+    t_call = time.time()
+    deadline = None if args.time_budget_s is None else t_call + args.time_budget_s
+    # validate every arm's config before any work (the data path is filled in once prepared)
+    for k in keys:
+        method_config(size, METHODS[k], "/dev/null" if data_src else None, args.overrides, args.seed, args.max_factor)
     opts = EvalOptions(
         num=args.num or size.num_samples,
         steps=args.eval_steps,
@@ -420,27 +578,140 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         calibration_images=size.calibration_images,
     )
+    data = data_file(size, out, data_src)
+    cfgs = {k: method_config(size, METHODS[k], data, args.overrides, args.seed, args.max_factor) for k in keys}
+    connect(cfgs["baseline"])
+    arms = {
+        k: Arm(
+            key=k,
+            cfg=cfgs[k],
+            run_dir=os.path.join(out, k),
+            equal_rounds=size.equal_rounds(METHODS[k].sharded),
+            extend_every=size.extend_every(METHODS[k].sharded),
+        )
+        for k in keys
+    }
+    for arm in arms.values():
+        if os.path.exists(_timing_path(arm.run_dir)):
+            with open(_timing_path(arm.run_dir)) as fh:
+                arm.timing.update(json.load(fh))
+    q = None
+    try:
+        for k in keys:
+            arm = arms[k]
+            console.rule(f"[bold]{METHODS[k].label}[/bold] ({k})")
+            run_arm(arm, opts, q, cfgs[k].train.rounds, deadline)
+            if k == "baseline":
+                base_points = [checkpoint_from_metrics(k, m) for m in arm.metrics.values()]
+                q = build({k: base_points}, k)["matched_fid"]
+                console.print(f"matched quality Q = 1.05 x best baseline FID = {q:.2f}")
+    except BudgetSpent:
+        console.print("[yellow]time budget of this call spent; run the same command again to continue[/yellow]")
+        return INCOMPLETE_EXIT
 
-    connect(cfgs[keys[0]])  # one Ray session for every arm (also when only evaluations are left)
-    rows = []
-    for key in keys:
-        console.rule(f"[bold]{METHODS[key].label}[/bold] ({key})")
-        run_dir = os.path.join(out, key)
-        metrics = run_method(cfgs[key], run_dir, opts, deadline)
-        if metrics is None:
-            console.print(f"[yellow]time budget spent during {key}; run the same command again to continue[/yellow]")
-            return INCOMPLETE_EXIT
-        for line in summary_lines(metrics):
-            console.print(f"  {line}")
-        row = {"method": key, "label": METHODS[key].label, "metrics": metrics, "analysis": analyse(run_dir, metrics)}
-        if key in curve_keys:
-            cfg = cfgs[key]
-            row["curve"] = curve(run_dir, opts, cfg.train.rounds, cfg.train.steps_per_round * cfg.shards.count)
-        rows.append(row)
-    command = "python jobs/bench_memorization.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    console.print(write_report(out, args.size, rows, command.strip()))
-    console.print(f"results: {os.path.join(out, 'results.md')}, plot: {os.path.join(out, 'bench.png')}")
+    points: dict[str, list[Checkpoint]] = {
+        k: [checkpoint_from_metrics(k, m) for m in a.metrics.values()] for k, a in arms.items()
+    }
+    result = build(points, "baseline")
+    labels = {k: METHODS[k].label for k in keys}
+    write_outputs(result, os.path.join(out, "frontier"), f"Memorization vs quality, size `{args.size}`", labels)
+    matched = result["matched"]
+    summary: dict[str, Any] = {
+        "benchmark": "memorization",
+        "size": args.size,
+        "command": "python jobs/bench_memorization.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+        "device": device_info("cuda" if size.gpus and _cuda() else "cpu"),
+        "elapsed_s": sum(a.timing["train_s"] + a.timing["eval_s"] for a in arms.values()),
+        "data": _data_summary(size, arms["baseline"]),
+        "eval": opts.settings(),
+        "fid_extractor": next(iter(arms["baseline"].metrics.values()))["fid_extractor"],
+        "size_config": {k: v for k, v in dataclasses.asdict(size).items() if k != "notes"},
+        "definitions": {
+            "early_stopping": "E(f) = lowest memorized fraction among plain training's checkpoints with FID <= f",
+            "matched_quality": "Q = 1.05 x plain training's best FID over its checkpoints",
+            "at_matched_quality": "an arm's lowest memorized fraction among its checkpoints with FID <= Q",
+        },
+        "frontier": result,
+        "matched": matched,
+        "arms": {
+            k: {
+                "label": METHODS[k].label,
+                "method": METHODS[k].method,
+                "shards": cfgs[k].shards.count,
+                "steps_per_round": cfgs[k].train.steps_per_round,
+                "equal_rounds": arms[k].equal_rounds,
+                "cap_rounds": cfgs[k].train.rounds,
+                "rounds_trained": RunDir(arms[k].run_dir).rounds_completed(),
+                "train_s": arms[k].timing["train_s"],
+                "eval_s": arms[k].timing["eval_s"],
+                "analysis": analyse(arms[k], matched[k]["round"]),
+            }
+            for k in keys
+        },
+    }
+    _write_json(os.path.join(out, "summary.json"), summary)
+    base_round = matched["baseline"]["round"]
+    shutil.copyfile(os.path.join(out, "frontier", "frontier.png"), os.path.join(out, "frontier.png"))
+    shutil.copyfile(
+        os.path.join(arms["baseline"].run_dir, round_eval_dir(EVAL_NAME, base_round), "most_copied.png"),
+        os.path.join(out, "frontier-most-copied.png"),
+    )
+    text = f"## Memorization benchmark, size `{args.size}`\n\n" + render(summary, "frontier.png")
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write(text + "\n")
+    console.print(text)
+    if args.publish:
+        js, png = publish(out, args.size, args.seed)
+        console.print(f"published {js} and {png}; regenerate BENCHMARKS.md with `python jobs/benchmarks_md.py`")
+    console.print(
+        f"summary: {os.path.join(out, 'summary.json')}, plot: {os.path.join(out, 'frontier', 'frontier.png')}"
+    )
     return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _data_summary(size: Size, base: Arm) -> dict[str, Any]:
+    ref = next(iter(base.metrics.values()))["reference"]
+    out: dict[str, Any] = {
+        "source": size.source,
+        "rows": ref["images"],
+        "distinct": ref["distinct"],
+        "duplicated_images": ref["duplicated_images"],
+        "duplicated_rows": ref["duplicated_rows"],
+    }
+    if size.duplicates is not None:
+        out["duplicates"] = {"groups": size.duplicates.groups, "copies": size.duplicates.copies}
+    return out
+
+
+def _with_fields(size: Size, items: list[str], parser: argparse.ArgumentParser) -> Size:
+    """--size-set FIELD=VALUE: a changed copy of the size (ints, floats or D:M for duplicates)."""
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in {f.name for f in dataclasses.fields(Size)} or key in ("notes", "preset", "source"):
+            parser.error(f"--size-set {item!r}: not a size field")
+        if key == "duplicates":
+            if value in ("", "none"):
+                changes[key] = None
+            else:
+                from memshard.data.prepare import parse_duplicate
+
+                changes[key] = Duplicates(*parse_duplicate(value))
+        elif key == "overrides":
+            changes[key] = tuple(v for v in value.split(";") if v)
+        else:
+            try:
+                changes[key] = type(getattr(size, key))(value)
+            except ValueError:
+                parser.error(f"--size-set {item!r}: bad value")
+    return dataclasses.replace(size, **changes)
 
 
 if __name__ == "__main__":

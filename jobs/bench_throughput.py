@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -49,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memshard.aggregate import StreamingAverage
 from memshard.config import MemshardConfig, load_config
+from memshard.machine import device_info
 from memshard.proxy import Proxy, ShardData, batch_order
 from memshard.unet import build_scheduler, build_unet
 
@@ -1013,31 +1013,6 @@ def bench_aggregation(params: int, k: int, reps: int, copy_params: int) -> dict[
 
 
 # --------------------------------------------------------------------------- report
-
-
-def device_info(device: torch.device) -> dict[str, Any]:
-    """What ran it: CPU model, cores, torch version and threads, the GPU if used."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "python": platform.python_version(),
-        "step_device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def table(res: dict[str, Any]) -> str:

@@ -2,14 +2,15 @@
 
     memshard train CONFIG [--set KEY=VALUE ...] [--out RUN] [--resume]
     memshard config show CONFIG [--set ...]
-    memshard prepare SOURCE --out DATA.parquet [--size N] [--channels 1|3] [--limit N]
+    memshard prepare SOURCE --out DATA.parquet [--size N] [--channels 1|3] [--limit N] [--duplicate D:M]
     memshard sample RUN [--num 64] [--steps 50] [--weights ema|raw] [--out grid.png]
     memshard sample RUN --prompt TEXT|--prompts-file F [--prss|--no-prss] [--lambda-ss X] [--out DIR]
     memshard calibrate-prss RUN [--quantile 0.95]   (PRSS thresholds from the run's own magnitudes)
     memshard serve RUN [--port 8000] [--lambda-ss X]  (HTTP endpoint with Ray Serve; PRSS floor server-side)
     memshard sweep CONFIG --param agc.ratio=uniform(1.1,3) [--samples N] [--out DIR]  (Ray Tune, ASHA)
-    memshard compare CONFIG [--set ...] [--out DIR]   (method vs plain training, same steps)
-    memshard evaluate RUN [--num 256] [--steps 50] [--weights ema|raw] [--name default]
+    memshard compare CONFIG [--set ...] [--out DIR]   (method vs plain training: every checkpoint, matched quality)
+    memshard evaluate RUN [--num 256] [--steps 50] [--weights ema|raw] [--name default] [--rounds all|1,4,8]
+    memshard frontier BASELINE_RUN RUN [RUN ...] --out DIR [--names A,B,...]  (privacy at matched quality)
     memshard report RUN   (per-round table; skip-rate, skip-count and migration plots)
 
 CONFIG is a YAML file or the name of a built-in preset (``memshard config presets``).
@@ -22,8 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from .config import ConfigError, MemshardConfig, load_config, preset_names
+
+if TYPE_CHECKING:
+    from .evaluate import EvalOptions
 
 # The baselines of memshard.mitigations (kept here so `--help` needs no torch import).
 MITIGATION_NAMES = ("none", "random_token", "random_number", "repeat_words", "gaussian_noise", "wen")
@@ -53,11 +58,25 @@ def cmd_config_presets(_args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
+    from .data.prepare import parse_duplicate
 
-    res = prepare(args.source, args.out, image_size=args.size, channels=args.channels, limit=args.limit)
+    try:
+        duplicate = parse_duplicate(args.duplicate) if args.duplicate else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    res = prepare(
+        args.source,
+        args.out,
+        image_size=args.size,
+        channels=args.channels,
+        limit=args.limit,
+        duplicate=duplicate,
+        duplicate_seed=args.duplicate_seed,
+    )
+    dup = f", {res.duplicated_images} images stored {duplicate[1]} times" if duplicate else ""
     print(
         f"wrote {res.num_rows} rows ({res.image_size}x{res.image_size}, {res.channels} channel(s), "
-        f"classes: {res.num_classes or 'none'}, captions: {'yes' if res.has_caption else 'no'}) to {res.path}"
+        f"classes: {res.num_classes or 'none'}, captions: {'yes' if res.has_caption else 'no'}{dup}) to {res.path}"
     )
     return 0
 
@@ -207,49 +226,76 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    import ray
+def _eval_options(args: argparse.Namespace, **extra: object) -> EvalOptions:
+    """EvalOptions from the evaluation flags shared by evaluate, frontier and compare."""
+    from .evaluate import SETTINGS_KEYS, EvalOptions
 
+    kw = {key: getattr(args, key) for key in (*SETTINGS_KEYS, "name") if getattr(args, key, None) is not None}
+    return EvalOptions(**{**kw, **extra})
+
+
+def _connect_for(run: str) -> None:
     from .checkpoint import RunDir
     from .config import build_config
     from .driver import connect
-    from .evaluate import EvalOptions, evaluate, summary_lines
 
-    manifest = RunDir(args.run).manifest()
+    manifest = RunDir(run).manifest()
     if manifest is None:
-        raise FileNotFoundError(f"{args.run}: no run (run.json missing)")
+        raise FileNotFoundError(f"{run}: no run (run.json missing)")
     connect(build_config(manifest["config"]))
-    opts = EvalOptions(
-        num=args.num,
-        steps=args.steps,
-        weights=args.weights,
-        name=args.name,
-        seed=args.seed,
-        fid_reference=args.fid_reference,
-        extractor=args.extractor,
-        round=args.round,
-    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import ray
+
+    from .evaluate import evaluate, evaluate_rounds, round_eval_dir, summary_lines
+
+    if args.rounds is not None and args.round is not None:
+        raise ConfigError("give --round R (one round, into RUN/eval/NAME/) or --rounds LIST (each into round-XXXX/)")
+    _connect_for(args.run)
+    opts = _eval_options(args, round=args.round)
     try:
-        metrics = evaluate(args.run, opts)
+        if args.rounds is not None:
+            results = evaluate_rounds(args.run, opts, args.rounds)
+        else:
+            results = {None: evaluate(args.run, opts)}
     finally:
         ray.shutdown()
-    print("\n".join(summary_lines(metrics)))
-    print(f"wrote {args.run}/eval/{args.name}/ (metrics.json, samples.png, most_copied.png, per_sample.parquet)")
+    for r, metrics in results.items():
+        if r is not None:
+            print(f"round {r} ({metrics['train_steps']} steps):")
+        print("\n".join(("  " if r is not None else "") + line for line in summary_lines(metrics)))
+    where = f"eval/{args.name}/" if args.rounds is None else f"{round_eval_dir(args.name, 0)[:-4]}XXXX/"
+    print(f"wrote {args.run}/{where} (metrics.json, samples.png, most_copied.png, per_sample.parquet)")
+    return 0
+
+
+def cmd_frontier(args: argparse.Namespace) -> int:
+    import ray
+
+    from .frontier import frontier, matched_table, points_table
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    _connect_for(args.baseline)
+    try:
+        result = frontier(args.baseline, args.runs, args.out, _eval_options(args), names, args.factor)
+    finally:
+        ray.shutdown()
+    print(points_table(result))
+    print()
+    print(matched_table(result))
+    print(f"wrote {args.out}/frontier.csv, matched.json, frontier.png")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare
     from .driver import default_run_dir
-    from .evaluate import EvalOptions
 
     cfg = _config(args)
     out = args.out or default_run_dir(cfg)
-    opts = EvalOptions(
-        num=args.num, steps=args.steps, fid_reference=args.fid_reference, calibration_images=args.calibration_images
-    )
-    compare(cfg, out, opts)
-    print(f"runs and comparison.md in {out}")
+    compare(cfg, out, _eval_options(args), max_factor=args.max_factor)
+    print(f"runs, comparison.md and frontier/ (frontier.csv, matched.json, frontier.png) in {out}")
     return 0
 
 
@@ -267,6 +313,36 @@ def cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memshard", description="Memorization-safe diffusion training on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def add_eval_args(sp: argparse.ArgumentParser) -> None:
+        from .metrics.dedupe import DEDUPE_MODES, NEAR_THRESHOLD
+
+        sp.add_argument("--num", type=int, default=256, help="samples to generate (per round)")
+        sp.add_argument(
+            "--fid-num",
+            type=int,
+            help="of those, how many get Inception features for FID and copy similarity (default all; the 1/3 rule "
+            "uses all: on a CPU the features are most of an evaluation's cost)",
+        )
+        sp.add_argument("--steps", type=int, default=50, help="DDIM steps (eta 0)")
+        sp.add_argument("--weights", choices=("ema", "raw"), default="ema")
+        sp.add_argument("--name", default="default", help="results go to RUN/eval/NAME/")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--fid-reference", type=int, help="training images for FID/copy similarity (default all)")
+        sp.add_argument("--calibration-images", type=int, default=256, help="distinct images for the copy threshold")
+        sp.add_argument("--extractor", help="TorchScript feature extractor (e.g. SSCD); default Inception pool3")
+        sp.add_argument(
+            "--dedupe",
+            choices=DEDUPE_MODES,
+            default="exact",
+            help="group identical training images before neighbour metrics: exact pixels (default), near "
+            "(RMS distance under --dedupe-threshold), none (every row its own neighbour)",
+        )
+        sp.add_argument(
+            "--dedupe-threshold",
+            type=float,
+            help=f"near mode: RMS pixel distance in [0, 1] (default {NEAR_THRESHOLD:g})",
+        )
 
     def add_config_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("config", help=f"YAML file or preset ({', '.join(preset_names())})")
@@ -291,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--size", type=int, help="image size (default: the source's)")
     pr.add_argument("--channels", type=int, choices=(1, 3))
     pr.add_argument("--limit", type=int, help="keep only the first N images")
+    pr.add_argument(
+        "--duplicate",
+        metavar="D:M",
+        help="store D seeded-chosen images M times each (extra rows, new ids): data where memorization happens",
+    )
+    pr.add_argument("--duplicate-seed", type=int, default=0, help="which images --duplicate picks")
     pr.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("sample", help="sample a grid from a run's served model (DDIM)")
@@ -377,27 +459,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="memorization, copy similarity, FID (and class alignment) of a run")
     e.add_argument("run", help="run directory")
-    e.add_argument("--num", type=int, default=256, help="samples to generate")
-    e.add_argument("--steps", type=int, default=50, help="DDIM steps (eta 0)")
-    e.add_argument("--weights", choices=("ema", "raw"), default="ema")
-    e.add_argument("--name", default="default", help="results go to RUN/eval/NAME/")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--fid-reference", type=int, help="training images for FID/copy similarity (default all)")
-    e.add_argument("--extractor", help="TorchScript feature extractor (e.g. SSCD); default Inception pool3")
+    add_eval_args(e)
     e.add_argument("--round", type=int, help="evaluate the weights committed after this round (default: served)")
+    e.add_argument(
+        "--rounds",
+        help="`all` or a comma list of rounds: each round's global weights into RUN/eval/NAME/round-XXXX/ "
+        "(same generations for every round; rounds already evaluated with the same settings are reused)",
+    )
     e.set_defaults(func=cmd_evaluate)
+
+    fr = sub.add_parser(
+        "frontier",
+        help="memorization against FID over training for plain training and other arms; privacy at matched quality",
+    )
+    fr.add_argument("baseline", help="the plain-training run (its checkpoints are the early-stopping frontier)")
+    fr.add_argument("runs", nargs="+", help="the runs to compare with it (the same training images)")
+    fr.add_argument("--out", required=True, help="directory for frontier.csv, matched.json, frontier.png")
+    fr.add_argument("--names", help="comma list of arm names, baseline first (default: each run's method)")
+    fr.add_argument("--factor", type=float, default=1.05, help="matched quality Q = FACTOR x the baseline's best FID")
+    add_eval_args(fr)
+    fr.set_defaults(func=cmd_frontier)
 
     rp = sub.add_parser("report", help="per-round table and plots (skip rates, skip counts, migrations) of a run")
     rp.add_argument("run", help="run directory (local or s3://)")
     rp.set_defaults(func=cmd_report)
 
-    cp = sub.add_parser("compare", help="train CONFIG and its plain-training baseline (same steps), evaluate both")
+    cp = sub.add_parser(
+        "compare", help="train CONFIG and plain training (same steps), evaluate every checkpoint of both, compare"
+    )
     add_config_args(cp)
-    cp.add_argument("--out", help="directory for both runs and comparison.md (local)")
-    cp.add_argument("--num", type=int, default=128, help="samples per model")
-    cp.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    cp.add_argument("--fid-reference", type=int, default=512, help="training images for FID / copy similarity")
-    cp.add_argument("--calibration-images", type=int, default=128)
+    cp.add_argument("--out", help="directory for both runs, comparison.md and frontier/ (local)")
+    cp.add_argument(
+        "--max-factor",
+        type=float,
+        default=1.0,
+        help="if CONFIG has not reached plain training's quality at equal steps, train it on (a round at a time) "
+        "up to this x the steps, stopping at the first checkpoint that does (default 1: equal steps only)",
+    )
+    add_eval_args(cp)
+    cp.set_defaults(num=128, fid_reference=512, calibration_images=128)
     cp.set_defaults(func=cmd_compare)
     return p
 
@@ -407,10 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import WeightsError
     from .data import DataError
     from .driver import RunError
+    from .frontier import FrontierError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, RunError, WeightsError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, RunError, WeightsError, FrontierError, FileNotFoundError) as exc:
         print(f"memshard: error: {exc}", file=sys.stderr)
         return 2
 

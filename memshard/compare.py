@@ -1,21 +1,26 @@
-"""Train a method and the plain-training baseline like for like, evaluate both, show a table.
+"""Train a method and the plain-training baseline like for like, and compare them at matched quality.
 
 "Like for like" means the same total number of optimizer steps and images seen: a
 K-shard run with S steps per round per shard is compared with one model trained for
-K*S steps per round, same rounds, batch size, data and seed, no skipping. This is what the
-README's first command runs, so a new user sees the effect of IET-AGC in minutes.
+K*S steps per round, same rounds (hence the same number of checkpoints), batch size, data
+and seed, no skipping. Every checkpoint of both is evaluated, and the comparison that
+matters is made at equal quality: does the method copy less than plain training stopped
+early at the same FID? This is what the README's first command runs.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
+from .checkpoint import RunDir
 from .config import METHOD_SWITCHES, MemshardConfig, build_config
 from .driver import TrainOutcome, train
-from .evaluate import EvalOptions, evaluate
+from .evaluate import EvalOptions, evaluate_rounds, prepare_reference, stored_round
+from .frontier import frontier, matched_table, next_action, points_table, verdict
+from .metrics.frontier import checkpoint_from_metrics, matched_quality
 from .progress import console
 from .proxy import steps_for
 
@@ -39,54 +44,73 @@ def baseline_of(cfg: MemshardConfig, shard_sizes: list[int]) -> MemshardConfig:
     return build_config(d)
 
 
-@dataclass
-class Row:
-    label: str
-    run: str
-    metrics: dict[str, Any]
-    train_s: float
+def compare(cfg: MemshardConfig, out: str, opts: EvalOptions, max_factor: float = 1.0) -> dict[str, Any]:
+    """Train ``cfg`` and its baseline under ``out``/{method,baseline}, put both on one frontier, print it.
 
-
-def table(rows: list[Row]) -> str:
-    """A Markdown table of the headline figures."""
-    head = (
-        "| run | memorized (1/3 rule) | NN ratio < 0.3 | copy sim. mean | copy sim. p95 | FID | "
-        "train time (s) |\n|---|---|---|---|---|---|---|"
+    Both runs are evaluated at every committed round (the same generations), so the table shows
+    how copying and quality move over training, and the last line says whether the method copies
+    less than plain training stopped early at matched quality (memshard.frontier). With
+    ``max_factor`` > 1 the method, if it has not reached matched quality at the baseline's steps,
+    trains on a round at a time up to ``max_factor`` x them and stops at the first checkpoint that
+    does (as the memorization benchmark does); the extra steps and time are in the table.
+    """
+    if max_factor < 1:
+        raise ValueError(f"max_factor must be >= 1, got {max_factor}")
+    label = _label(cfg)
+    equal = cfg.train.rounds
+    cap = math.ceil(max_factor * equal)
+    method_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"rounds": cap})})
+    method_dir = os.path.join(out, "method")
+    t0 = time.perf_counter()
+    method = train(method_cfg, out=method_dir, until_round=equal)
+    method_s = time.perf_counter() - t0
+    sizes = method.manifest["initial_shard_sizes"]
+    base_s, base = train_and_time(baseline_of(cfg, sizes), os.path.join(out, "baseline"))
+    names = ["baseline", cfg.method or "method"]
+    labels = {"baseline": "plain training", names[1]: label}
+    console.print("evaluating every checkpoint of both runs (the same generations for each) ...")
+    t0 = time.perf_counter()
+    base_points = [checkpoint_from_metrics("baseline", m) for m in evaluate_rounds(base.run_uri, opts).values()]
+    q = matched_quality(base_points)
+    fids: dict[int, float] = {}
+    ref = None  # the method's reference, built once for all its rounds
+    while True:
+        action, rounds = next_action(fids, RunDir(method_dir).rounds_completed(), q, equal, cap, 1)
+        if action == "done":
+            break
+        if action == "train":
+            console.print(f"{label} has not reached matched quality Q = {q:.2f} yet: training round {rounds[0]}")
+            t1 = time.perf_counter()
+            train(method_cfg, out=method_dir, resume=True, until_round=rounds[0])
+            method_s += time.perf_counter() - t1
+        else:
+            todo = [r for r in rounds if stored_round(RunDir(method_dir), opts.name, r, opts) is None]
+            if todo and ref is None:
+                ref = prepare_reference(RunDir(method_dir), RunDir(method_dir).manifest(), opts)
+            fids.update({r: m["fid"] for r, m in evaluate_rounds(method_dir, opts, rounds, ref=ref).items()})
+    result = frontier(
+        base.run_uri,
+        [method_dir],
+        os.path.join(out, "frontier"),
+        opts,
+        names=names,
+        labels=labels,
+        title=f"{label} vs plain training: memorization vs quality over training",
     )
-    lines = [head]
-    for r in rows:
-        m = r.metrics
-        lines.append(
-            f"| {r.label} | {100 * m['memorized_fraction']:.1f}% | {100 * m['nn_ratio_fraction']['0.3']:.1f}% | "
-            f"{m['copy_similarity']['mean']:.3f} | {m['copy_similarity']['p95']:.3f} | {m['fid']:.2f} | "
-            f"{r.train_s:.0f} |"
-        )
-    first = rows[0].metrics
-    lines.append(
-        f"\n{first['num_samples']} samples, {first['ddim_steps']} DDIM steps; FID against "
-        f"{first['fid_num_reference']} training images ({first['fid_extractor']}); copy similarity threshold "
-        "calibrated per run on augmented copies."
+    console.print(f"  evaluated in {time.perf_counter() - t0:.0f}s")
+    text = "\n\n".join(
+        [
+            points_table(result, labels),
+            matched_table(result, labels),
+            verdict(result, names[1], labels),
+            f"Training time: {label} {method_s:.0f}s, plain training {base_s:.0f}s. "
+            f"Plot: {os.path.join(out, 'frontier', 'frontier.png')}",
+        ]
     )
-    return "\n".join(lines)
-
-
-def compare(cfg: MemshardConfig, out: str, opts: EvalOptions) -> list[Row]:
-    """Train ``cfg`` and its baseline under ``out``/{method,baseline}, evaluate both, print the table."""
-    rows = []
-    method = train_and_time(cfg, os.path.join(out, "method"))
-    sizes = method[1].manifest["initial_shard_sizes"]
-    base = train_and_time(baseline_of(cfg, sizes), os.path.join(out, "baseline"))
-    for label, (secs, outcome) in ((_label(cfg), method), ("plain training (baseline)", base)):
-        console.print(f"evaluating {label} ...")
-        t0 = time.perf_counter()
-        metrics = evaluate(outcome.run_uri, opts)
-        console.print(f"  evaluated in {time.perf_counter() - t0:.0f}s")
-        rows.append(Row(label=label, run=outcome.run_uri, metrics=metrics, train_s=secs))
-    text = table(rows)
     with open(os.path.join(out, "comparison.md"), "w") as fh:
         fh.write(text + "\n")
     console.print(text)
-    return rows
+    return result
 
 
 def train_and_time(cfg: MemshardConfig, out: str) -> tuple[float, TrainOutcome]:
@@ -100,5 +124,5 @@ def _label(cfg: MemshardConfig) -> str:
     if cfg.msr.enabled or cfg.taa.enabled:
         return f"IET-AGC+ (K={k}, r={cfg.agc.ratio:g})"
     if cfg.agc.enabled:
-        return f"IET-AGC (K={k}, r={cfg.agc.ratio:g})"
-    return f"IET (K={k})"
+        return f"AGC on one model (r={cfg.agc.ratio:g})" if k == 1 else f"IET-AGC (K={k}, r={cfg.agc.ratio:g})"
+    return "plain training (one model)" if k == 1 else f"IET (K={k})"

@@ -48,7 +48,17 @@ class DataConfig(_Section):
     bad_rows: Literal["fail", "drop"] = Field(
         "fail", description="Undecodable / mis-sized images, duplicate ids, bad labels: stop, or drop and report."
     )
-    limit: int | None = Field(None, ge=1, description="Use only the first N valid rows (by id order).")
+    limit: int | None = Field(
+        None, ge=1, description="Use only the first N valid rows (by id order); with `duplicate`, N distinct images."
+    )
+    duplicate: str | None = Field(
+        None,
+        pattern=r"^\s*\d+\s*[:x]\s*\d+\s*$",
+        description="Built-in sources only: DxM (or 'D:M', quoted) stores D seeded-chosen images M times each (extra "
+        "rows, new ids), "
+        "duplicated data as scraped sets have it, where diffusion models memorize first.",
+    )
+    duplicate_seed: int = Field(0, ge=0, description="Which images `duplicate` picks.")
     num_classes: int | None = Field(
         None, ge=1, description="Labels must lie in [0, num_classes); required for class conditioning."
     )
@@ -59,12 +69,24 @@ class DataConfig(_Section):
         "None = next to the dataset (<data>.memshard-cache/).",
     )
 
+    @field_validator("duplicate", mode="before")
+    @classmethod
+    def _duplicate_text(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            raise ValueError("write D x M as 10x20 (YAML reads an unquoted 10:20 as the number 620)")
+        return v
+
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
         if self.path is None and self.source is None:
             raise ValueError("set data.path (a Parquet dataset) or data.source (a built-in source)")
         if self.path is not None and self.source is not None:
             raise ValueError("set only one of data.path and data.source")
+        if self.duplicate is not None and self.source is None:
+            raise ValueError(
+                "data.duplicate works on a built-in data.source; for a Parquet dataset run "
+                "`memshard prepare SRC --out F --duplicate D:M` and point data.path at F"
+            )
         return self
 
 

@@ -47,6 +47,7 @@ from .conditioning import build_caches
 from .config import MemshardConfig, build_config
 from .coordinator import Coordinator
 from .data import prepare
+from .data.prepare import parse_duplicate
 from .ingest import Ingested, format_bad, ingest
 from .migration import migrates_after
 from .progress import RoundProgress, console
@@ -136,7 +137,17 @@ def _prepare_data(cfg: MemshardConfig, workdir: str, use_ray: bool = True) -> tu
     """Resolve and validate the dataset. Built-in sources are prepared into ``workdir`` first."""
     if cfg.data.source is not None:
         local = os.path.join(workdir, f"{cfg.data.source}.parquet")
-        prepare(cfg.data.source, local, image_size=cfg.data.image_size, channels=cfg.data.channels)
+        d = cfg.data
+        duplicate = None if d.duplicate is None else parse_duplicate(d.duplicate)
+        prepare(
+            d.source,
+            local,
+            image_size=d.image_size,
+            channels=d.channels,
+            limit=d.limit if duplicate else None,
+            duplicate=duplicate,
+            duplicate_seed=d.duplicate_seed,
+        )
         return local, ingest(cfg, local, use_ray=False)
     return cfg.data.path, ingest(cfg, cfg.data.path, use_ray=use_ray)
 
@@ -208,6 +219,7 @@ def train(
     resume: bool = False,
     stop_after_s: float | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    until_round: int | None = None,
 ) -> TrainOutcome:
     """Run (or resume) an IET-AGC training run; returns where the served model is.
 
@@ -219,11 +231,16 @@ def train(
     ``on_round(summary)`` is called after each round is committed and served (a sweep trial
     reports it to Tune there). If it raises, the run stops after that round, which stays
     committed, and the exception propagates.
+
+    ``until_round`` stops this call after that round even if ``train.rounds`` is larger: a run
+    configured for its longest budget can be trained in stages (the frontier benchmark trains an
+    arm until it reaches the baseline's quality) with the same schedule as one call, since
+    everything between rounds (migrations, warm-up) depends on ``train.rounds``, not on the call.
     """
     # S3 settings from the config (over the environment) hold for this call only; workers get them
     # as an argument (remote_call, actor constructors), never through the runtime env.
     with access_installed(S3Access.resolve(cfg.storage)):
-        return _train(cfg, out, resume, stop_after_s, on_round)
+        return _train(cfg, out, resume, stop_after_s, on_round, until_round)
 
 
 def _train(
@@ -232,6 +249,7 @@ def _train(
     resume: bool,
     stop_after_s: float | None,
     on_round: Callable[[dict[str, Any]], None] | None,
+    until_round: int | None = None,
 ) -> TrainOutcome:
     call_t0 = time.perf_counter()
     access = S3Access.resolve() or None
@@ -339,7 +357,8 @@ def _train(
         last_round_s = 0.0
         own_weights_next = committed > 0 and starts_from_own_weights(cfg, committed)
         with RoundProgress(enabled=cfg.logging.progress) as progress:
-            for r in range(committed + 1, cfg.train.rounds + 1):
+            last = cfg.train.rounds if until_round is None else min(cfg.train.rounds, until_round)
+            for r in range(committed + 1, last + 1):
                 t0 = time.perf_counter()
                 if stop_after_s is not None and t0 - call_t0 + last_round_s > stop_after_s:
                     console.print(f"stopping before round {r}: the {stop_after_s:g}s budget of this call is spent")

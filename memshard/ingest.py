@@ -70,7 +70,7 @@ def ingest(cfg: MemshardConfig, uri: str, use_ray: bool = True) -> Ingested:
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
     labels = labels[order] if labels is not None else None
-    if d.limit is not None:
+    if d.limit is not None and d.duplicate is None:  # with `duplicate` the limit picked the distinct images
         ids, labels = ids[: d.limit], (labels[: d.limit] if labels is not None else None)
     if len(ids) == 0:
         raise DataError(f"dataset {uri}: no usable rows")

@@ -55,3 +55,46 @@ def test_generation_is_independent_of_the_split(tiny_run):
     a = generate(tiny_run, 6, 2, "ema", 3, labels, batch_size=6)
     b = generate(tiny_run, 6, 2, "ema", 3, labels, batch_size=2)
     assert a.shape == (6, 16, 16, 1) and np.array_equal(a, b)
+
+
+def _figures(m: dict) -> dict:
+    """Every figure of today's metrics.json (before the reference/duplicates/settings keys existed)."""
+    keep = ("num_samples", "memorized_fraction", "nn_ratio_fraction", "copy_similarity", "copy_calibration", "fid")
+    return {k: m[k] for k in keep} | {"class_alignment": m["class_alignment"]["accuracy"]}
+
+
+def test_no_duplicates_gives_bit_equal_figures_with_and_without_dedupe(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMSHARD_CACHE", str(tmp_path / "cache"))
+    base = dict(num=8, steps=3, fid_reference=32, calibration_images=16, classifier_epochs=1, batch_size=4)
+    none = evaluate(tiny_run, EvalOptions(**base, name="none", dedupe="none"))
+    exact = evaluate(tiny_run, EvalOptions(**base, name="exact", dedupe="exact"))
+    assert exact["reference"]["distinct"] == exact["reference"]["images"] == 48
+    assert json.dumps(_figures(none)) == json.dumps(_figures(exact))  # bit-equal floats
+    assert exact["fid_distinct"] == exact["fid"] and exact["duplicates"]["duplicated_images"] == 0
+    # the reference features were computed once and reused from the content cache the second time
+    assert len(list((tmp_path / "cache" / "features").glob("features-*.safetensors"))) == 1
+
+
+def test_rounds_are_evaluated_with_the_same_generations_and_reused(tiny_run, tmp_path, monkeypatch):
+    from memshard.cli import main as cli
+    from memshard.evaluate import evaluate_rounds
+
+    monkeypatch.setenv("MEMSHARD_CACHE", str(tmp_path / "cache"))
+    opts = EvalOptions(num=6, steps=2, fid_reference=16, calibration_images=8, classifier_epochs=1, name="per-round")
+    got = evaluate_rounds(tiny_run, opts, "all")
+    assert sorted(got) == [1, 2]
+    for r in got:
+        on_disk = json.loads(open(f"{tiny_run}/eval/per-round/round-000{r}/metrics.json").read())
+        assert on_disk["round"] == r and on_disk["eval"] == opts.settings()
+        assert {"images", "distinct", "dedupe", "fingerprint"} <= set(on_disk["reference"])
+    assert got[1]["train_steps"] == 6 and got[2]["train_steps"] == 12 and got[2]["train_wall_s"] > 0
+    # the same settings again: nothing is re-evaluated; other settings: the round is redone
+    path = f"{tiny_run}/eval/per-round/round-0001/metrics.json"
+    before = open(path).read()
+    assert evaluate_rounds(tiny_run, opts, [1])[1] == got[1] and open(path).read() == before
+    redone = evaluate_rounds(tiny_run, EvalOptions(**{**opts.__dict__, "num": 4}), "1")
+    assert redone[1]["num_samples"] == 4
+    with pytest.raises(FileNotFoundError, match="round 3 is not committed"):
+        evaluate_rounds(tiny_run, opts, "1,3")
+    # the CLI refuses --round together with --rounds before any work
+    assert cli(["evaluate", tiny_run, "--round", "1", "--rounds", "all"]) == 2

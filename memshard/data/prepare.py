@@ -51,6 +51,8 @@ class PrepareResult:
     # Rows whose caption is the empty string: allowed (unconditional examples), but a user
     # who meant every image to be captioned should see how many are not.
     empty_captions: int = 0
+    duplicated_images: int = 0  # distinct images stored more than once (``duplicate``)
+    duplicate_rows: int = 0  # extra rows those copies added
 
 
 @dataclass
@@ -519,6 +521,45 @@ def _from_parquet(path: str, image_size: int | None, channels: int | None, limit
 # -- writing -----------------------------------------------------------------------------
 
 
+def duplicate_rows(rows: _Rows, groups: int, copies: int, seed: int = 0) -> tuple[_Rows, np.ndarray]:
+    """Store ``groups`` seeded-chosen images ``copies`` times each (copies - 1 new rows apiece, new ids).
+
+    This is how scraped data looks (LAION stores popular images many times) and where diffusion
+    models memorize first; the memorization benchmark's `dup` size is built with it. The extra rows
+    go after the originals, with ids above the largest one, and keep the label and caption of
+    their original. Returns the new rows and the positions of the duplicated originals.
+    """
+    n = len(rows.images)
+    if groups < 1 or copies < 2:
+        raise ValueError(f"duplicate needs at least 1 image and 2 copies, got {groups} images x {copies} copies")
+    if groups > n:
+        raise ValueError(f"cannot duplicate {groups} images of a set of {n}")
+    chosen = np.sort(np.random.default_rng(seed).choice(n, groups, replace=False))
+    extra = np.repeat(chosen, copies - 1)
+    ids = rows.ids if rows.ids is not None else np.arange(n, dtype=np.int64)
+    start = int(ids.max()) + 1 if n else 0
+    out = _Rows(
+        images=rows.images + [rows.images[i] for i in extra],
+        image_size=rows.image_size,
+        channels=rows.channels,
+        labels=None if rows.labels is None else np.concatenate([rows.labels, rows.labels[extra]]),
+        num_classes=rows.num_classes,
+        captions=None if rows.captions is None else rows.captions + [rows.captions[i] for i in extra],
+        ids=np.concatenate([ids, np.arange(start, start + len(extra), dtype=np.int64)]),
+    )
+    return out, chosen
+
+
+def parse_duplicate(text: str) -> tuple[int, int]:
+    """``D:M`` (or ``DxM``): D images stored M times each."""
+    for sep in (":", "x"):
+        if sep in text:
+            a, _, b = text.partition(sep)
+            if a.strip().isdigit() and b.strip().isdigit():
+                return int(a), int(b)
+    raise ValueError(f"--duplicate {text!r}: write D:M, e.g. 10:30 (10 images stored 30 times each)")
+
+
 def _table(rows: _Rows) -> pa.Table:
     n = len(rows.images)
     ids = rows.ids if rows.ids is not None else np.arange(n, dtype=np.int64)
@@ -548,9 +589,19 @@ def _write(table: pa.Table, out: str) -> None:
 
 
 def prepare(
-    source: str, out: str, image_size: int | None = None, channels: int | None = None, limit: int | None = None
+    source: str,
+    out: str,
+    image_size: int | None = None,
+    channels: int | None = None,
+    limit: int | None = None,
+    duplicate: tuple[int, int] | None = None,
+    duplicate_seed: int = 0,
 ) -> PrepareResult:
-    """Convert ``source`` into the canonical Parquet at ``out`` (a file path or s3:// URI)."""
+    """Convert ``source`` into the canonical Parquet at ``out`` (a file path or s3:// URI).
+
+    ``duplicate=(D, M)`` stores D seeded-chosen images of the (limited) source M times each
+    (:func:`duplicate_rows`).
+    """
     _check_args(image_size, channels, limit)
     if source == "digits":
         rows = _from_digits(image_size, channels, limit)
@@ -570,6 +621,9 @@ def prepare(
         rows = _from_parquet(source, image_size, channels, limit)
     else:
         raise DataError(f"cannot prepare a dataset from {source!r}: accepted sources are {_ACCEPTED}")
+    distinct = len(rows.images)
+    if duplicate is not None:
+        rows, _ = duplicate_rows(rows, duplicate[0], duplicate[1], duplicate_seed)
     _write(_table(rows), out)
     return PrepareResult(
         path=out,
@@ -579,4 +633,6 @@ def prepare(
         num_classes=rows.num_classes,
         has_caption=rows.captions is not None,
         empty_captions=sum(1 for c in rows.captions or [] if not c),
+        duplicated_images=0 if duplicate is None else duplicate[0],
+        duplicate_rows=len(rows.images) - distinct,
     )
