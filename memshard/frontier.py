@@ -32,6 +32,7 @@ from .metrics.frontier import (
     Checkpoint,
     at_matched_quality,
     checkpoint_from_metrics,
+    clear_difference,
     early_stopping,
     matched_quality,
 )
@@ -335,8 +336,14 @@ def verdict(result: dict[str, Any], arm: str, labels: dict[str, str] | None = No
             f"{_pct(a['memorized_fraction'])} of generations; plain training stopped early at that FID copies "
             f"{_pct(e_at)}."
         )
+        n = a["num_samples"] or 0
         if e_at is not None and a["memorized_fraction"] >= e_at:
             text += " The defence buys nothing here that stopping plain training early does not."
+        elif e_at is not None and clear_difference(a["memorized_fraction"], n, e_at, n) is False:
+            text += (
+                f" The gap is within the sampling noise of {n} generations: at its quality it is no better "
+                "than plain training stopped early."
+            )
         elif e_at is not None:
             text += " It copies less than plain training at equal FID, but only at a quality plain training beats."
         return text

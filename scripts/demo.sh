@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up, then run the main job on the embedded digits with some images duplicated (CPU, about
-# 12 minutes on 2 cores, nothing downloads): AGC and plain training with the same steps (the
+# 17 minutes on 2 cores, nothing downloads): AGC and plain training with the same steps (the
 # `demo-dup` preset), every checkpoint of both evaluated (memorization over distinct images,
 # copy similarity, FID), AGC trained on by up to a quarter more steps if it has not reached
 # plain training's quality, ending with the frontier table and a one-line verdict: does it copy

@@ -198,3 +198,15 @@ def test_a_gap_within_sampling_noise_is_not_called_a_win():
     never = {"baseline": base, "x": [cp("x", 400, 0.0, 80.0, n=64)]}
     text = verdict(build(never, "baseline"), "x")
     assert "does not reach plain training's quality" in text and "best FID 80.0" in text
+    # below plain training at its (worse) FID, but by one generation in 128: noise, said so, not a win
+    short = {
+        "baseline": [cp("baseline", 100, 8 / 128, 42.0, n=128), cp("baseline", 200, 13 / 128, 37.0, n=128)],
+        "agc": [cp("agc", 250, 7 / 128, 41.8, n=128)],
+    }
+    text = verdict(build(short, "baseline"), "agc")
+    assert "within the sampling noise of 128 generations" in text and "copies less" not in text
+    clear = {
+        "baseline": [cp("baseline", 100, 40 / 256, 42.0, n=256), cp("baseline", 200, 60 / 256, 37.0, n=256)],
+        "agc": [cp("agc", 250, 5 / 256, 41.8, n=256)],
+    }
+    assert "copies less than plain training at equal FID" in verdict(build(clear, "baseline"), "agc")
