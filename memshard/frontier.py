@@ -32,7 +32,6 @@ from .metrics.frontier import (
     Checkpoint,
     at_matched_quality,
     checkpoint_from_metrics,
-    clear_difference,
     early_stopping,
     matched_quality,
 )
@@ -328,21 +327,19 @@ def verdict(result: dict[str, Any], arm: str, labels: dict[str, str] | None = No
     q = result["matched_fid"]
     e_q = a["early_stopping_memorized"]
     if not a["reached"]:
-        base_rows = [_cp(r) for r in result["rows"] if r["arm"] == result["baseline"]]
-        e_at = early_stopping(base_rows, a["fid"])
+        e_at = a["early_stopping_at_fid"]
         text = (
             f"**{name} does not reach plain training's quality** within {a['max_steps']} steps (best FID "
             f"{a['fid']:.1f} at {a['steps']} steps; matched quality Q = {q:.1f}). At its best FID it copies "
             f"{_pct(a['memorized_fraction'])} of generations; plain training stopped early at that FID copies "
             f"{_pct(e_at)}."
         )
-        n = a["num_samples"] or 0
         if e_at is not None and a["memorized_fraction"] >= e_at:
             text += " The defence buys nothing here that stopping plain training early does not."
-        elif e_at is not None and clear_difference(a["memorized_fraction"], n, e_at, n) is False:
+        elif a["clear_difference_at_fid"] is False:
             text += (
-                f" The gap is within the sampling noise of {n} generations: at its quality it is no better "
-                "than plain training stopped early."
+                f" The gap is within the sampling noise of {a['num_samples']} generations: at its quality it "
+                "is no better than plain training stopped early."
             )
         elif e_at is not None:
             text += " It copies less than plain training at equal FID, but only at a quality plain training beats."
@@ -358,7 +355,3 @@ def verdict(result: dict[str, Any], arm: str, labels: dict[str, str] | None = No
     if e_q is not None and a["memorized_fraction"] < e_q:
         return f"**{name} copies less than plain training stopped early at matched quality**: {gap}."
     return f"**{name} is no better than plain training stopped early**: at matched quality it copies {gap}."
-
-
-def _cp(row: dict[str, Any]) -> Checkpoint:
-    return Checkpoint(**{k: row[k] for k in Checkpoint.__dataclass_fields__})

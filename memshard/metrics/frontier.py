@@ -122,6 +122,8 @@ def at_matched_quality(points: Sequence[Checkpoint], baseline: Sequence[Checkpoi
     arm's best-FID checkpoint's. ``vs_early_stopping`` = memorized_fraction - E(Q) (negative:
     the arm copies less than plain training stopped early at the same quality);
     ``clear_difference`` says whether that gap exceeds sampling noise (:func:`clear_difference`).
+    ``early_stopping_at_fid`` and ``clear_difference_at_fid`` are the same at the chosen
+    checkpoint's own FID (what an arm that never reaches Q is compared with).
     """
     if not points:
         raise ValueError("an arm needs at least one evaluated checkpoint")
@@ -132,6 +134,9 @@ def at_matched_quality(points: Sequence[Checkpoint], baseline: Sequence[Checkpoi
     best_fid = min(points, key=lambda p: (p.fid if math.isfinite(p.fid) else math.inf, p.steps))
     if chosen is None:
         chosen = best_fid
+    # the same comparison at the chosen checkpoint's own FID: for an arm that never reaches Q, the
+    # only fair one (E(Q) is at a quality it does not have)
+    at_fid_point = _best(baseline, chosen.fid) if math.isfinite(chosen.fid) else None
     out = {
         "reached": reached,
         "matched_fid": q,
@@ -143,6 +148,14 @@ def at_matched_quality(points: Sequence[Checkpoint], baseline: Sequence[Checkpoi
             clear_difference(chosen.memorized_fraction, chosen.num_samples, e_q, frontier_point.num_samples)
             if (reached and frontier_point is not None)
             else None
+        ),
+        "early_stopping_at_fid": None if at_fid_point is None else at_fid_point.memorized_fraction,
+        "clear_difference_at_fid": (
+            None
+            if at_fid_point is None
+            else clear_difference(
+                chosen.memorized_fraction, chosen.num_samples, at_fid_point.memorized_fraction, at_fid_point.num_samples
+            )
         ),
         "num_samples": chosen.num_samples,
         "steps": chosen.steps,
