@@ -63,9 +63,8 @@ from memshard.data import prepare
 from memshard.driver import connect, train
 from memshard.evaluate import (
     EvalOptions,
-    Reference,
+    ReferenceSlot,
     evaluate_rounds,
-    prepare_reference,
     round_eval_dir,
     stored_round,
 )
@@ -303,7 +302,7 @@ class Arm:
     equal_rounds: int
     extend_every: int
     timing: dict[str, float] = field(default_factory=lambda: {"train_s": 0.0, "eval_s": 0.0})
-    ref: Reference | None = None
+    ref: ReferenceSlot = field(default_factory=ReferenceSlot)  # built on the first evaluation, kept
     metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -367,8 +366,6 @@ def evaluate_arm(arm: Arm, rounds: list[int], opts: EvalOptions, deadline: float
         _left(deadline)
         t0 = time.perf_counter()
         try:
-            if arm.ref is None:
-                arm.ref = prepare_reference(run, run.manifest(), opts)
             arm.metrics.update(evaluate_rounds(arm.run_dir, opts, [r], ref=arm.ref))
         finally:
             arm.timing["eval_s"] += time.perf_counter() - t0

@@ -18,7 +18,7 @@ from typing import Any
 from .checkpoint import RunDir
 from .config import METHOD_SWITCHES, MemshardConfig, build_config
 from .driver import TrainOutcome, train
-from .evaluate import EvalOptions, evaluate_rounds, prepare_reference, stored_round
+from .evaluate import EvalOptions, ReferenceSlot, evaluate_rounds
 from .frontier import frontier, matched_table, next_action, points_table, verdict
 from .metrics.frontier import checkpoint_from_metrics, matched_quality
 from .progress import console
@@ -73,7 +73,7 @@ def compare(cfg: MemshardConfig, out: str, opts: EvalOptions, max_factor: float 
     base_points = [checkpoint_from_metrics("baseline", m) for m in evaluate_rounds(base.run_uri, opts).values()]
     q = matched_quality(base_points)
     fids: dict[int, float] = {}
-    ref = None  # the method's reference, built once for all its rounds
+    ref = ReferenceSlot()  # the method's reference, built once for all its rounds
     while True:
         action, rounds = next_action(fids, RunDir(method_dir).rounds_completed(), q, equal, cap, 1)
         if action == "done":
@@ -84,9 +84,6 @@ def compare(cfg: MemshardConfig, out: str, opts: EvalOptions, max_factor: float 
             train(method_cfg, out=method_dir, resume=True, until_round=rounds[0])
             method_s += time.perf_counter() - t1
         else:
-            todo = [r for r in rounds if stored_round(RunDir(method_dir), opts.name, r, opts) is None]
-            if todo and ref is None:
-                ref = prepare_reference(RunDir(method_dir), RunDir(method_dir).manifest(), opts)
             fids.update({r: m["fid"] for r, m in evaluate_rounds(method_dir, opts, rounds, ref=ref).items()})
     result = frontier(
         base.run_uri,

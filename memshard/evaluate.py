@@ -544,6 +544,17 @@ def evaluate(run_uri: str, opts: EvalOptions, ref: Reference | None = None) -> d
 # --------------------------------------------------------------------------- every committed round
 
 
+@dataclass
+class ReferenceSlot:
+    """A run's reference, built by :func:`evaluate_rounds` on first need and kept for later calls.
+
+    For callers that evaluate a run a few rounds at a time (train, evaluate, train on): the
+    reference is built once, and never when every round asked for is already stored.
+    """
+
+    ref: Reference | None = None
+
+
 def round_eval_dir(name: str, r: int) -> str:
     """Where round r's evaluation of name NAME lives, relative to the run: eval/NAME/round-XXXX."""
     return f"eval/{name}/round-{round_name(r)}"
@@ -586,14 +597,15 @@ def evaluate_rounds(
     rounds: Sequence[int] | str = "all",
     reuse: bool = True,
     on_result: Callable[[dict[str, Any]], None] | None = None,
-    ref: Reference | None = None,
+    ref: Reference | ReferenceSlot | None = None,
 ) -> dict[int, dict[str, Any]]:
     """Evaluate the global weights of several committed rounds, the same generations (seeds) for each.
 
     Writes RUN/eval/NAME/round-XXXX/ per round. A round already evaluated with the same settings
     (``EvalOptions.settings``) is reused; one made with other settings is evaluated again and
-    replaced. The reference is built once (or passed in as ``ref``, built by
-    :func:`prepare_reference` with the same options), and only if something is left to evaluate.
+    replaced. The reference is built once, and only if something is left to evaluate (or passed
+    in as ``ref``, built by :func:`prepare_reference` with the same options; a
+    :class:`ReferenceSlot` is filled on first need and keeps it for the caller's next call).
     """
     run, manifest = _committed(run_uri)
     committed = int(manifest["rounds_completed"])
@@ -607,10 +619,12 @@ def evaluate_rounds(
         else:
             todo.append(r)
     if todo:
-        ref = ref or prepare_reference(run, manifest, opts)
+        slot = ref if isinstance(ref, ReferenceSlot) else ReferenceSlot(ref)
+        if slot.ref is None:
+            slot.ref = prepare_reference(run, manifest, opts)
         for i, r in enumerate(todo, 1):
             console.print(f"evaluating round {r} ({i}/{len(todo)}): {opts.num} samples, {opts.steps} DDIM steps")
-            out[r] = evaluate_weights(run_uri, manifest, opts, ref, r, round_eval_dir(opts.name, r))
+            out[r] = evaluate_weights(run_uri, manifest, opts, slot.ref, r, round_eval_dir(opts.name, r))
             if on_result is not None:
                 on_result(out[r])
     return dict(sorted(out.items()))
