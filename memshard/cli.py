@@ -173,6 +173,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         max_batch_images=args.max_batch_images or max(16, args.max_images),
         batch_wait_s=args.batch_wait_ms / 1000,
+        deadline_s=args.deadline_s,
+        body_timeout_s=args.body_timeout_s,
+        max_connections=args.max_connections,
+        max_queued_images=args.max_queued_images,
     )
     serve_run(
         args.run, args.host, args.port, args.replicas, name=args.name, route_prefix=args.route_prefix,
@@ -180,7 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lambda_pr=args.lambda_pr, tau=args.tau, cpus_per_replica=args.cpus_per_replica,
         gpus_per_replica=args.gpus_per_replica, request_timeout_s=args.request_timeout_s,
         timeout_s=args.timeout_s, blocking=not args.detach,
-        on_ready=lambda url, health: print(describe(url, health), flush=True),
+        on_ready=lambda url, health: print(describe(url, health, args.run), flush=True),
     )  # fmt: skip
     return 0
 
@@ -444,7 +448,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-body-bytes", type=int, default=65536)
     sv.add_argument("--max-batch-images", type=int, help="images per batched call (default max(16, --max-images))")
     sv.add_argument("--batch-wait-ms", type=float, default=50.0)
-    sv.add_argument("--request-timeout-s", type=float)
+    sv.add_argument(
+        "--deadline-s",
+        type=float,
+        default=60.0,
+        help="answer each request within this or refuse it (503 + Retry-After)",
+    )
+    sv.add_argument("--body-timeout-s", type=float, default=10.0, help="a request body must arrive within this (408)")
+    sv.add_argument("--max-connections", type=int, default=256, help="requests one replica holds at once")
+    sv.add_argument("--max-queued-images", type=int, default=256, help="images admitted and not yet generated")
+    sv.add_argument(
+        "--request-timeout-s", type=float, help="Serve's end-to-end timeout (default: deadline + body timeout + 10 s)"
+    )
     sv.add_argument("--timeout-s", type=float, default=600.0, help="wait this long for the deployment to start")
     sv.add_argument("--detach", action="store_true", help="return once deployed (needs RAY_ADDRESS)")
     sv.set_defaults(func=cmd_serve)

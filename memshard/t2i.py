@@ -39,6 +39,10 @@ def check_prompts(prompts: Sequence[str], tokenizer: Any = None) -> None:
             raise ValueError(f"prompt {i} is empty")
         if len(p) > MAX_PROMPT_CHARS:
             raise ValueError(f"prompt {i} has {len(p)} characters (at most {MAX_PROMPT_CHARS})")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON): no tokenizer can read it
+            raise ValueError(f"prompt {i} is not valid Unicode text (it holds a lone surrogate)") from None
         if limit is not None and limit < 100_000:
             n = len(tokenizer(p, truncation=False)["input_ids"])
             if n > limit:
