@@ -23,9 +23,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .config import ConfigError, MemshardConfig, load_config, preset_names
+from pydantic import ValidationError
+
+from . import __version__
+from .config import PRESET_DIR, ConfigError, MemshardConfig, PRSSConfig, load_config, preset_names
 
 if TYPE_CHECKING:
     from .evaluate import EvalOptions
@@ -34,16 +38,124 @@ if TYPE_CHECKING:
 MITIGATION_NAMES = ("none", "random_token", "random_number", "repeat_words", "gaussian_noise", "wen")
 
 
+def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse type: a number >= ``minimum``, refused at parse time with the bound (before any work)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not value >= minimum:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be >= {minimum:g} (got {text})")
+        return value
+
+    parse.__name__ = "integer" if kind is int else "number"
+    return parse
+
+
+WEIGHTS_HELP = "ema: the EMA weights (what is served); raw: the averaged proxies' own weights"
+POSITIVE = _at_least(1)  # counts: images, steps, prompts, samples
+NON_NEGATIVE = _at_least(0)
+POSITIVE_FLOAT = _at_least(1e-9, float)
+NON_NEGATIVE_FLOAT = _at_least(0.0, float)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in ``--help`` (unless its help already says it); line breaks kept."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if unset or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+class _SubParser(argparse.ArgumentParser):
+    """Subcommands show their defaults in --help too."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def preset_summary(name: str) -> str:
+    """The first sentence of a preset's leading comment: what ``config presets`` lists."""
+    lines = []
+    for line in (PRESET_DIR / f"{name}.yaml").read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").strip())
+    text = " ".join(lines)
+    cut = text.find(". ")
+    return text[: cut + 1] if cut > 0 else text
+
+
+def writable(path: str, *, directory: bool = False, flag: str = "--out") -> str:
+    """``path`` once its folder exists (created if missing); a clear error naming ``flag`` if it cannot be written.
+
+    Checked before any work, so that an hour of sampling does not end in a traceback. Remote
+    (``s3://``) paths are left to the storage layer.
+    """
+    if "://" in path:
+        return path
+    folder = path if directory else os.path.dirname(os.path.abspath(path))
+    try:
+        if directory and os.path.exists(path) and not os.path.isdir(path):
+            raise NotADirectoryError(20, "it is a file, not a directory", path)
+        if not directory and os.path.isdir(path):
+            raise IsADirectoryError(21, "it is a directory", path)
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(13, "permission denied", folder)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and exc.filename != path else ""
+        if isinstance(exc, FileExistsError) or (isinstance(exc, NotADirectoryError) and exc.filename != path):
+            reason = "a file stands where a folder of it should be"
+        else:
+            reason = exc.strerror or str(exc)
+        raise ConfigError(f"cannot write {path}: {reason}{where}; choose another {flag}") from None
+    return path
+
+
 def _config(args: argparse.Namespace) -> MemshardConfig:
     return load_config(args.config, args.set or [])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .driver import train
+    from .driver import default_run_dir, train
 
     cfg = _config(args)
-    train(cfg, out=args.out, resume=args.resume)
+    out = args.out or cfg.storage.run_dir or (None if args.resume else default_run_dir(cfg))
+    try:
+        train(cfg, out=out, resume=args.resume)
+    except KeyboardInterrupt:
+        print(interrupted_message(args, out), file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted_message(args: argparse.Namespace, out: str | None) -> str:
+    """What Ctrl-C during training kept, and the command that continues it."""
+    from .checkpoint import RunDir
+
+    manifest = None
+    if out is not None:
+        try:
+            manifest = RunDir(out).manifest()
+        except Exception:  # an unreadable run directory: say nothing was kept
+            manifest = None
+    if manifest is None:
+        return "memshard: interrupted before the run was created; nothing was kept"
+    n = int(manifest.get("rounds_completed", 0))
+    kept = f"rounds 1..{n} kept" if n else "no round committed yet (the data and initial weights are kept)"
+    sets = "".join(f" --set {kv}" for kv in args.set or [])
+    return (f"memshard: interrupted after round {n}; {kept} in {out}; continue with:\n"
+            f"  memshard train {args.config}{sets} --out {out} --resume")  # fmt: skip
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -52,7 +164,9 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def cmd_config_presets(_args: argparse.Namespace) -> int:
-    print("\n".join(preset_names()))
+    names = preset_names()
+    width = max(map(len, names))
+    print("\n".join(f"{name:<{width}}  {preset_summary(name)}" for name in names))
     return 0
 
 
@@ -64,6 +178,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         duplicate = parse_duplicate(args.duplicate) if args.duplicate else None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    writable(args.out)
     res = prepare(
         args.source,
         args.out,
@@ -78,6 +193,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         f"wrote {res.num_rows} rows ({res.image_size}x{res.image_size}, {res.channels} channel(s), "
         f"classes: {res.num_classes or 'none'}, captions: {'yes' if res.has_caption else 'no'}{dup}) to {res.path}"
     )
+    if res.upscaled:
+        print(f"note: {res.upscaled} image(s) were smaller than {res.image_size}x{res.image_size} and were enlarged "
+              "(blurred); --size sets the size")  # fmt: skip
+    if res.cropped:
+        print(f"note: {res.cropped} image(s) were not square and were centre-cropped")
     return 0
 
 
@@ -92,6 +212,29 @@ def _is_t2i(run: str) -> bool:
     return json.loads(store.read_text("served/model_index.json")).get("_class_name") != "DDPMPipeline"
 
 
+PRSS_FLAGS = {"enabled": "--prss", "lambda_ss": "--lambda-ss", "lambda_pr": "--lambda-pr", "tau": "--tau",
+              "mode": "--prss-mode", "guidance_scale": "--guidance-scale", "candidates": "--candidates",
+              "bank": "--bank", "num_candidates": "--num-candidates"}  # fmt: skip
+# options of text-to-image sampling, by argparse dest: refused on other runs rather than ignored
+T2I_ONLY = {"prompt": "--prompt", "prompts_file": "--prompts-file", "prss": "--prss/--no-prss",
+            **{k: v for k, v in PRSS_FLAGS.items() if k != "enabled"}, "mitigation": "--mitigation"}  # fmt: skip
+
+
+def _prss_error(exc: ValidationError, base: PRSSConfig) -> str:
+    """One line naming the options and the rule they break (not pydantic's dump with its URL)."""
+    err = exc.errors()[0]
+    field = str(err["loc"][0]) if err.get("loc") else ""
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    if field:
+        return f"{PRSS_FLAGS.get(field, field)}: {msg}"
+    if "prss.bank" in msg:
+        return "--candidates bank needs --bank FILE (a prompt bank: one prompt a line, or Parquet with `prompt`)"
+    if "tau" in msg:  # the model-level rule: tau > lambda_pr
+        return (f"--tau must exceed --lambda-pr (re-anchoring reaches full strength at tau; the run's values are "
+                f"lambda_pr={base.lambda_pr:g}, tau={base.tau:g} where not given)")  # fmt: skip
+    return msg
+
+
 def cmd_sample_t2i(args: argparse.Namespace) -> int:
     from .checkpoint import RunDir
     from .config import build_config
@@ -101,8 +244,6 @@ def cmd_sample_t2i(args: argparse.Namespace) -> int:
     manifest = RunDir(args.run).manifest()
     prss = build_config(manifest["config"]).prss if manifest else None
     if prss is None:
-        from .config import PRSSConfig
-
         prss = PRSSConfig()
     calibration = load_calibration(args.run)
     if calibration is not None and all(v is None for v in (args.lambda_ss, args.lambda_pr, args.tau)):
@@ -121,8 +262,9 @@ def cmd_sample_t2i(args: argparse.Namespace) -> int:
     }
     try:
         prss = prss.model_validate({**prss.model_dump(), **{k: v for k, v in updates.items() if v is not None}})
-    except Exception as exc:
-        raise ConfigError(f"PRSS options: {exc}") from None
+    except ValidationError as exc:
+        raise ConfigError(f"PRSS options: {_prss_error(exc, prss)}") from None
+    out = writable(args.out or "samples", directory=True)
     prompts, cand_lists = list(args.prompt or []), None
     if args.prompts_file:
         file_prompts, cand_lists = read_prompts(args.prompts_file)
@@ -139,7 +281,6 @@ def cmd_sample_t2i(args: argparse.Namespace) -> int:
         mitigation=args.mitigation,
         weights=args.weights,
     )
-    out = args.out or "samples"
     try:
         reports = sample_run(args.run, req, out)
     except ValueError as exc:
@@ -208,9 +349,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if _is_t2i(args.run):
         return cmd_sample_t2i(args)
-    if args.prompt or args.prompts_file:
-        raise ConfigError(f"{args.run} serves an unconditional/class-conditional model: it takes no prompts")
+    given = [flag for dest, flag in T2I_ONLY.items() if getattr(args, dest, None) is not None]
+    if given:  # never ignore a privacy option silently
+        raise ConfigError(
+            f"{args.run} serves an unconditional/class-conditional model: {', '.join(given)} "
+            "apply to text-to-image runs only"
+        )
 
+    out = writable(args.out or "samples.png")
     unet, sched, info = load_served_unet(args.run, args.weights)
     labels = None
     if unet.config.num_class_embeds:
@@ -220,8 +366,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
             labels = torch.arange(args.num) % unet.config.num_class_embeds
     device = "cuda" if torch.cuda.is_available() else "cpu"
     images = ddim_sample(unet, sched, args.num, steps=args.steps, seed=args.seed, class_labels=labels, device=device)
-    out = args.out or "samples.png"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     grid(to_uint8(images), scale=args.scale).save(out)
     print(
         f"wrote {args.num} samples ({args.steps} DDIM steps, {args.weights} weights, round {info.get('round')}) "
@@ -308,32 +452,45 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import report
 
     tab, written = report(args.run)
-    console.print(tab)
+    # Rich lays a table out to the terminal's width (80 columns when piped) and cuts values with
+    # "...": a report is read for its numbers, so it gets the width it needs.
+    need = console.measure(tab).maximum
+    if console.width < need:
+        from rich.console import Console
+
+        Console(width=need).print(tab)
+    else:
+        console.print(tab)
     for path in written:
         console.print(f"wrote {path}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memshard", description="Memorization-safe diffusion training on Ray.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(
+        prog="memshard", description="Memorization-safe diffusion training on Ray.", formatter_class=_HelpFormatter
+    )
+    p.add_argument("--version", action="version", version=f"memshard {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_SubParser)
 
     def add_eval_args(sp: argparse.ArgumentParser) -> None:
         from .metrics.dedupe import DEDUPE_MODES, NEAR_THRESHOLD
 
-        sp.add_argument("--num", type=int, default=256, help="samples to generate (per round)")
+        sp.add_argument("--num", type=POSITIVE, default=256, help="samples to generate (per round)")
         sp.add_argument(
             "--fid-num",
-            type=int,
+            type=POSITIVE,
             help="of those, how many get Inception features for FID and copy similarity (default all; the 1/3 rule "
             "uses all: on a CPU the features are most of an evaluation's cost)",
         )
-        sp.add_argument("--steps", type=int, default=50, help="DDIM steps (eta 0)")
-        sp.add_argument("--weights", choices=("ema", "raw"), default="ema")
+        sp.add_argument("--steps", type=POSITIVE, default=50, help="DDIM steps (eta 0)")
+        sp.add_argument("--weights", choices=("ema", "raw"), default="ema", help=WEIGHTS_HELP)
         sp.add_argument("--name", default="default", help="results go to RUN/eval/NAME/")
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--fid-reference", type=int, help="training images for FID/copy similarity (default all)")
-        sp.add_argument("--calibration-images", type=int, default=256, help="distinct images for the copy threshold")
+        sp.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the generations' noise")
+        sp.add_argument("--fid-reference", type=POSITIVE, help="training images for FID/copy similarity (default all)")
+        sp.add_argument(
+            "--calibration-images", type=POSITIVE, default=256, help="distinct images for the copy threshold"
+        )
         sp.add_argument("--extractor", help="TorchScript feature extractor (e.g. SSCD); default Inception pool3")
         sp.add_argument(
             "--dedupe",
@@ -344,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument(
             "--dedupe-threshold",
-            type=float,
+            type=NON_NEGATIVE_FLOAT,
             help=f"near mode: RMS pixel distance in [0, 1] (default {NEAR_THRESHOLD:g})",
         )
 
@@ -366,41 +523,52 @@ def build_parser() -> argparse.ArgumentParser:
     csub.add_parser("presets", help="list built-in presets").set_defaults(func=cmd_config_presets)
 
     pr = sub.add_parser("prepare", help="convert images into the canonical Parquet dataset")
-    pr.add_argument("source", help="digits | fashion-mnist | an image folder | a .npy/.npz file")
+    pr.add_argument(
+        "source",
+        help="digits | fashion-mnist | emoji (the captioned set scripts/setup.sh fetches) | an image folder | "
+        "a .npy/.npz file | a .parquet file (an image column of encoded bytes; label/caption columns kept)",
+    )
     pr.add_argument("--out", required=True, help="output Parquet path (local or s3://)")
-    pr.add_argument("--size", type=int, help="image size (default: the source's)")
-    pr.add_argument("--channels", type=int, choices=(1, 3))
-    pr.add_argument("--limit", type=int, help="keep only the first N images")
+    pr.add_argument("--size", type=POSITIVE, help="image size (default: the source's)")
+    pr.add_argument("--channels", type=int, choices=(1, 3), help="1 (grey) or 3 (RGB); default: the source's")
+    pr.add_argument("--limit", type=POSITIVE, help="keep only the first N images")
     pr.add_argument(
         "--duplicate",
         metavar="D:M",
         help="store D seeded-chosen images M times each (extra rows, new ids): data where memorization happens",
     )
-    pr.add_argument("--duplicate-seed", type=int, default=0, help="which images --duplicate picks")
+    pr.add_argument("--duplicate-seed", type=NON_NEGATIVE, default=0, help="which images --duplicate picks")
     pr.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("sample", help="sample a grid from a run's served model (DDIM)")
     s.add_argument("run", help="run directory")
-    s.add_argument("--num", type=int, default=64)
-    s.add_argument("--steps", type=int, default=50)
-    s.add_argument("--weights", choices=("ema", "raw"), default="ema")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--label", type=int, help="class label for every sample (class-conditional models)")
-    s.add_argument("--scale", type=int, default=4, help="pixel upscaling of the grid")
+    s.add_argument("--num", type=POSITIVE, default=64, help="samples (unconditional / class-conditional runs)")
+    s.add_argument("--steps", type=POSITIVE, default=50, help="DDIM steps (eta 0)")
+    s.add_argument("--weights", choices=("ema", "raw"), default="ema", help=WEIGHTS_HELP)
+    s.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the noise (image i: seed*1000003+i)")
+    s.add_argument("--label", type=NON_NEGATIVE, help="class label for every sample (class-conditional models)")
+    s.add_argument("--scale", type=POSITIVE, default=4, help="pixel upscaling of the grid")
     s.add_argument("--out", help="output PNG (default samples.png); text-to-image: output directory (samples/)")
     t2i = s.add_argument_group("text-to-image runs (PRSS on by default; defaults from the run's prss config)")
     t2i.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     t2i.add_argument("--prompts-file", help="prompts: text file (one a line) or Parquet (prompt[, candidates])")
-    t2i.add_argument("--num-per-prompt", type=int, default=1)
+    t2i.add_argument("--num-per-prompt", type=POSITIVE, default=1, help="images per prompt")
     t2i.add_argument("--prss", action=argparse.BooleanOptionalAction, default=None, help="PRSS on/off")
-    t2i.add_argument("--lambda-ss", type=float, help="trigger/search threshold (lower = more private)")
-    t2i.add_argument("--lambda-pr", type=float, help="per-step re-anchoring threshold")
-    t2i.add_argument("--tau", type=float, help="m_t of full re-anchoring")
-    t2i.add_argument("--mode", choices=("prss", "pr", "ss"))
-    t2i.add_argument("--guidance-scale", type=float)
-    t2i.add_argument("--candidates", choices=("perturb", "bank", "list"))
+    t2i.add_argument("--lambda-ss", type=POSITIVE_FLOAT, help="trigger/search threshold (lower = more private)")
+    t2i.add_argument("--lambda-pr", type=POSITIVE_FLOAT, help="per-step re-anchoring threshold")
+    t2i.add_argument("--tau", type=POSITIVE_FLOAT, help="m_t of full re-anchoring (must exceed --lambda-pr)")
+    t2i.add_argument(
+        "--prss-mode",
+        dest="mode",
+        choices=("prss", "pr", "ss"),
+        help="prss: re-anchoring and search; pr: re-anchoring only; ss: search only (default: the run's)",
+    )
+    t2i.add_argument("--guidance-scale", type=_at_least(1.0, float), help="CFG scale (default: the run's)")
+    t2i.add_argument(
+        "--candidates", choices=("perturb", "bank", "list"), help="where search prompts come from (default: the run's)"
+    )
     t2i.add_argument("--bank", help="prompt bank file for --candidates bank")
-    t2i.add_argument("--num-candidates", type=int)
+    t2i.add_argument("--num-candidates", type=POSITIVE, help="prompts scored per triggered prompt")
     t2i.add_argument(
         "--mitigation",
         choices=MITIGATION_NAMES,
@@ -416,66 +584,82 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=SPACE",
         help="uniform(a,b) | loguniform(a,b) | choice(v,...) | randint(a,b) (b excluded) | grid(v,...); repeatable",
     )
-    sw.add_argument("--samples", type=int)
+    sw.add_argument("--samples", type=POSITIVE, help="trials (default: the config's sweep.samples)")
     sw.add_argument("--out", help="sweep directory (local or s3://); default runs/<name>-sweep-<time>")
-    sw.add_argument("--metric", choices=("loss", "skip_rate", "memorized_fraction", "fid"))
-    sw.add_argument("--mode", choices=("min", "max"))
-    sw.add_argument("--scheduler", choices=("asha", "fifo"))
-    sw.add_argument("--grace-period", type=int)
-    sw.add_argument("--max-concurrent", type=int)
-    sw.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None)
-    sw.add_argument("--eval-num", type=int)
-    sw.add_argument("--time-budget", type=float, dest="time_budget_s")
+    sw.add_argument(
+        "--metric",
+        choices=("loss", "skip_rate", "memorized_fraction", "fid"),
+        help="what the trials are ranked by (default: the config's sweep.metric)",
+    )
+    sw.add_argument("--mode", choices=("min", "max"), help="whether --metric is minimised or maximised")
+    sw.add_argument("--scheduler", choices=("asha", "fifo"), help="ASHA stops poor trials early; fifo runs all")
+    sw.add_argument("--grace-period", type=POSITIVE, help="rounds every trial runs before ASHA may stop it")
+    sw.add_argument("--max-concurrent", type=POSITIVE, help="trials at once (default: what the cluster holds)")
+    sw.add_argument(
+        "--evaluate", action=argparse.BooleanOptionalAction, default=None, help="evaluate each trial's model"
+    )
+    sw.add_argument("--eval-num", type=POSITIVE, help="generations per trial evaluation")
+    sw.add_argument(
+        "--time-budget", type=POSITIVE_FLOAT, dest="time_budget_s", help="stop the sweep after about this many s"
+    )
     sw.set_defaults(func=cmd_sweep)
 
     sv = sub.add_parser("serve", help="serve RUN's model over HTTP with Ray Serve (PRSS on for text-to-image)")
     sv.add_argument("run", help="run directory (local or s3://)")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--replicas", type=int, default=1)
-    sv.add_argument("--name", default="memshard")
-    sv.add_argument("--route-prefix", default="/")
-    sv.add_argument("--weights", choices=("ema", "raw"), default="ema")
-    sv.add_argument("--cpus-per-replica", type=float, default=1.0)
-    sv.add_argument("--gpus-per-replica", type=float)
-    sv.add_argument("--lambda-ss", type=float, help="server floor (requests may only go lower = more private)")
-    sv.add_argument("--lambda-pr", type=float)
-    sv.add_argument("--tau", type=float)
+    sv.add_argument("--host", default="127.0.0.1", help="address Serve listens on (0.0.0.0: every interface)")
+    sv.add_argument("--port", type=POSITIVE, default=8000, help="Serve's HTTP port")
+    sv.add_argument("--replicas", type=POSITIVE, default=1, help="model replicas (each loads the model)")
+    sv.add_argument("--name", default="memshard", help="Serve application name")
+    sv.add_argument("--route-prefix", default="/", help="URL prefix of the endpoints")
+    sv.add_argument("--weights", choices=("ema", "raw"), default="ema", help=WEIGHTS_HELP)
+    sv.add_argument("--cpus-per-replica", type=POSITIVE_FLOAT, default=1.0, help="CPUs each replica reserves")
+    sv.add_argument("--gpus-per-replica", type=NON_NEGATIVE_FLOAT, help="default: 1 if the cluster has GPUs, else 0")
+    sv.add_argument("--lambda-ss", type=POSITIVE_FLOAT, help="server floor (requests may only go lower = more private)")
+    sv.add_argument("--lambda-pr", type=POSITIVE_FLOAT, help="server floor of the re-anchoring threshold")
+    sv.add_argument("--tau", type=POSITIVE_FLOAT, help="server floor of tau (must exceed --lambda-pr)")
     sv.add_argument("--allow-no-prss", action="store_true", help="let requests turn PRSS off")
-    sv.add_argument("--max-images", type=int, default=8, help="images per request")
-    sv.add_argument("--max-steps", type=int, default=100)
-    sv.add_argument("--default-steps", type=int, default=50)
-    sv.add_argument("--max-body-bytes", type=int, default=65536)
-    sv.add_argument("--max-batch-images", type=int, help="images per batched call (default max(16, --max-images))")
-    sv.add_argument("--batch-wait-ms", type=float, default=50.0)
+    sv.add_argument("--max-images", type=POSITIVE, default=8, help="images per request")
+    sv.add_argument("--max-steps", type=POSITIVE, default=100, help="steps a request may ask for")
+    sv.add_argument("--default-steps", type=POSITIVE, default=50, help="steps of a request that names none")
+    sv.add_argument("--max-body-bytes", type=POSITIVE, default=65536, help="request body size (413 past it)")
+    sv.add_argument("--max-batch-images", type=POSITIVE, help="images per batched call (default max(16, --max-images))")
+    sv.add_argument(
+        "--batch-wait-ms", type=NON_NEGATIVE_FLOAT, default=50.0, help="how long a batch waits for more requests"
+    )
     sv.add_argument(
         "--deadline-s",
-        type=float,
+        type=POSITIVE_FLOAT,
         default=60.0,
         help="answer each request within this or refuse it (503 + Retry-After)",
     )
-    sv.add_argument("--body-timeout-s", type=float, default=10.0, help="a request body must arrive within this (408)")
-    sv.add_argument("--max-connections", type=int, default=256, help="requests one replica holds at once")
-    sv.add_argument("--max-queued-images", type=int, default=256, help="images admitted and not yet generated")
     sv.add_argument(
-        "--request-timeout-s", type=float, help="Serve's end-to-end timeout (default: deadline + body timeout + 10 s)"
+        "--body-timeout-s", type=POSITIVE_FLOAT, default=10.0, help="a request body must arrive within this (408)"
     )
-    sv.add_argument("--timeout-s", type=float, default=600.0, help="wait this long for the deployment to start")
+    sv.add_argument("--max-connections", type=POSITIVE, default=256, help="requests one replica holds at once")
+    sv.add_argument("--max-queued-images", type=POSITIVE, default=256, help="images admitted and not yet generated")
+    sv.add_argument(
+        "--request-timeout-s",
+        type=POSITIVE_FLOAT,
+        help="Serve's end-to-end timeout (default: deadline + body timeout + 10 s)",
+    )
+    sv.add_argument(
+        "--timeout-s", type=POSITIVE_FLOAT, default=600.0, help="wait this long for the deployment to start"
+    )
     sv.add_argument("--detach", action="store_true", help="return once deployed (needs RAY_ADDRESS)")
     sv.set_defaults(func=cmd_serve)
 
     cal = sub.add_parser("calibrate-prss", help="set a text-to-image run's PRSS thresholds from its own magnitudes")
     cal.add_argument("run", help="run directory")
     cal.add_argument("--quantile", type=float, default=0.95, help="privacy level q: about 1-q of captions trigger")
-    cal.add_argument("--num-prompts", type=int, default=64, help="training captions sampled for the reference")
-    cal.add_argument("--steps", type=int, default=50)
-    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--num-prompts", type=POSITIVE, default=64, help="training captions sampled for the reference")
+    cal.add_argument("--steps", type=POSITIVE, default=50, help="sampling steps of the reference trajectories")
+    cal.add_argument("--seed", type=NON_NEGATIVE, default=0, help="which captions and noise")
     cal.set_defaults(func=cmd_calibrate_prss)
 
     e = sub.add_parser("evaluate", help="memorization, copy similarity, FID (and class alignment) of a run")
     e.add_argument("run", help="run directory")
     add_eval_args(e)
-    e.add_argument("--round", type=int, help="evaluate the weights committed after this round (default: served)")
+    e.add_argument("--round", type=POSITIVE, help="evaluate the weights committed after this round (default: served)")
     e.add_argument(
         "--rounds",
         help="`all` or a comma list of rounds: each round's global weights into RUN/eval/NAME/round-XXXX/ "
@@ -491,7 +675,12 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("runs", nargs="+", help="the runs to compare with it (the same training images)")
     fr.add_argument("--out", required=True, help="directory for frontier.csv, matched.json, frontier.png")
     fr.add_argument("--names", help="comma list of arm names, baseline first (default: each run's method)")
-    fr.add_argument("--factor", type=float, default=1.05, help="matched quality Q = FACTOR x the baseline's best FID")
+    fr.add_argument(
+        "--factor",
+        type=_at_least(1.0, float),
+        default=1.05,
+        help="matched quality Q = FACTOR x the baseline's best FID",
+    )
     add_eval_args(fr)
     fr.set_defaults(func=cmd_frontier)
 
@@ -506,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", help="directory for both runs, comparison.md and frontier/ (local)")
     cp.add_argument(
         "--max-factor",
-        type=float,
+        type=_at_least(1.0, float),
         default=1.0,
         help="if CONFIG has not reached plain training's quality at equal steps, train it on (a round at a time) "
         "up to this x the steps, stopping at the first checkpoint that does (default 1: equal steps only)",
@@ -529,6 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, RunError, WeightsError, FrontierError, FileNotFoundError) as exc:
         print(f"memshard: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # 128 + SIGINT, as shells report it; train says what it kept
+        print("memshard: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

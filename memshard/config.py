@@ -151,6 +151,8 @@ class PRSSConfig(_Section):
         s = self.guidance_scale
         if s > 1 and self.tau <= (s * self.lambda_pr - self.tau) / (s - 1):
             raise ValueError("prss.tau must exceed a = (s*lambda_pr - tau)/(s - 1), i.e. tau > lambda_pr")
+        if self.candidates == "bank" and self.bank is None:
+            raise ValueError("prss.candidates=bank needs prss.bank (a prompt bank file)")
         return self
 
 

@@ -48,7 +48,7 @@ from .config import MemshardConfig, build_config
 from .coordinator import Coordinator
 from .data import prepare
 from .data.prepare import parse_duplicate
-from .ingest import Ingested, format_bad, ingest
+from .ingest import Ingested, check_dataset, format_bad, ingest
 from .migration import migrates_after
 from .progress import RoundProgress, console
 from .proxy import steps_for
@@ -272,6 +272,8 @@ def _train(
         build_scheduler(cfg)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         raise RunError(f"model: {exc}") from None
+    if not resume and cfg.data.path is not None:
+        check_dataset(cfg, cfg.data.path)  # before the cluster's start-up, which takes seconds to minutes
     connect(cfg)
     need = shard_resources(cfg)
     check_resources(cfg, need)

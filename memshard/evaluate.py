@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -49,9 +50,16 @@ from .config import MemshardConfig, build_config
 from .copies import calibration_pairs
 from .data import load_rows
 from .extractor import FeatureExtractor
-from .metrics import calibrate_threshold, copy_similarity, feature_stats, frechet_distance, memorization_report
+from .metrics import (
+    calibrate_threshold,
+    calibration_problem,
+    copy_similarity,
+    feature_stats,
+    frechet_distance,
+    memorization_report,
+)
 from .metrics.dedupe import NEAR_THRESHOLD, ReferenceGroups, copies_by_multiplicity, group_reference
-from .progress import console
+from .progress import Stage, console
 from .sampling import ddim_sample, grid, load_served_unet, to_uint8
 from .tasks import remote_call
 
@@ -162,6 +170,12 @@ def generate(
                 _generate_images, run_uri, weights, start, count, steps, seed, lab, batch_size, round_id, options=opts
             )
         )
+    sizes = {ref: min(per, num - i * per) for i, ref in enumerate(refs)}
+    with Stage(f"generation ({len(refs)} task(s))", num) as bar:
+        pending = list(refs)
+        while pending:  # a bar over the tasks as they finish, then the images in order
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.advance(sizes[done[0]])
     return np.concatenate(ray.get(refs))
 
 
@@ -230,7 +244,8 @@ def cached_features(extractor: FeatureExtractor, ext_id: str, images_u8: np.ndar
             pass
     n = images_u8.shape[0]
     console.print(f"  features of {n} {what} ({extractor.name}; about {n / 7:.0f}s on 2 CPU cores, cached after)")
-    feats = extractor(torch.from_numpy(images_u8).float() / 255.0)
+    with Stage(f"features of {what}", n) as bar:
+        feats = extractor(torch.from_numpy(images_u8).float() / 255.0, on_batch=bar.advance)
     _write_atomic(path, st_save({"features": feats.contiguous()}))
     return feats
 
@@ -435,10 +450,44 @@ def per_sample_table(
     }
 
 
-def _most_copied_grid(gen: np.ndarray, train_hwc: np.ndarray, ratio: np.ndarray, nn: np.ndarray, top: int = 16):
+def _most_copied_grid(
+    gen: np.ndarray, train_hwc: np.ndarray, ratio: np.ndarray, nn: np.ndarray, ids: np.ndarray, top: int = 16
+) -> Image.Image:
+    """The ``top`` generations closest to a training image, each beside that image, labelled.
+
+    Each pair says which is the generation and which the training image (its id), and the
+    nearest-neighbour ratio (distance to the nearest over the second nearest training image;
+    under 1/3 counts as a copy).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     order = np.argsort(ratio, kind="stable")[:top]
-    pairs = np.stack([x for i in order for x in (gen[i], train_hwc[nn[i]])])
-    return grid(pairs, cols=2 * min(4, len(order)), scale=4)
+    cols = min(4, len(order))
+    rows = -(-len(order) // cols)
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2 * cols * 1.3, rows * 1.55), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    grey = gen.shape[-1] == 1
+    for k, i in enumerate(order):
+        r, c = divmod(k, cols)
+        a_gen, a_train = axes[r, 2 * c], axes[r, 2 * c + 1]
+        for ax, img in ((a_gen, gen[i]), (a_train, train_hwc[nn[i]])):
+            ax.imshow(img[..., 0] if grey else img, cmap="gray" if grey else None, vmin=0, vmax=255)
+        a_gen.set_title(f"generated #{i}", fontsize=7)
+        a_train.set_title(f"train id {int(ids[nn[i]])}", fontsize=7)
+        copied = " copy" if ratio[i] < 1 / 3 else ""
+        a_gen.text(1.1, -0.12, f"NN ratio {ratio[i]:.2f}{copied}", transform=a_gen.transAxes, ha="center",
+                   fontsize=7, color="tab:red" if copied else "black")  # fmt: skip
+    fig.suptitle("closest generations (left) beside their nearest training image (right)", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
 
 
 def _training_so_far(manifest: dict[str, Any], r: int) -> dict[str, float]:
@@ -488,6 +537,7 @@ def evaluate_weights(
         **mem.to_dict(),
         "copy_similarity": cs.to_dict(),
         "copy_calibration": ref.calibration,
+        "copy_calibration_problem": calibration_problem(ref.calibration),  # None: the threshold can be trusted
         "fid": fid,
         "fid_num_samples": opts.feature_count(),
         "fid_num_reference": len(ref.fid_rows),
@@ -511,7 +561,7 @@ def evaluate_weights(
     train_hwc = np.transpose(ref.images_u8, (0, 2, 3, 1))
     for fname, img in (
         ("samples.png", grid(gen_hwc[:64], scale=4)),
-        ("most_copied.png", _most_copied_grid(gen_hwc, train_hwc, mem.l2_ratio, nn_row)),
+        ("most_copied.png", _most_copied_grid(gen_hwc, train_hwc, mem.l2_ratio, nn_row, ref.ids)),
     ):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
@@ -641,6 +691,9 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
         f"over {cs['threshold']:.3f}: {100 * cs['over_threshold']:.1f}%",
         f"FID: {m['fid']:.2f} ({m['fid_num_samples']} samples vs {m['fid_num_reference']} training images)",
     ]
+    if m.get("copy_calibration_problem"):  # never a headline figure that measures nothing
+        lines[2] = (f"copy similarity ({cs['extractor']}): NOT CALIBRATED, read the 1/3 rule instead: "
+                    f"{m['copy_calibration_problem']} (mean {cs['mean']:.3f}, p95 {cs['p95']:.3f})")  # fmt: skip
     ref, dup = m.get("reference"), m.get("duplicates")
     if ref and dup and ref["distinct"] < ref["images"]:
         lines.append(

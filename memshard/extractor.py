@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -73,13 +74,17 @@ class FeatureExtractor:
         return x.contiguous(memory_format=torch.channels_last)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Features of (N, 1|3, H, W) images in [0, 1]; ``on_batch(n)`` after each batch of n (progress)."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected images (N, 1|3, H, W), got {tuple(images.shape)}")
         out = []
         for start in range(0, len(images), self.batch_size):
-            feats = self.model(self._prepare(images[start : start + self.batch_size]))
+            batch = images[start : start + self.batch_size]
+            feats = self.model(self._prepare(batch))
             if feats.ndim > 2:
                 feats = feats.flatten(2).mean(dim=2)
             out.append(feats.float().cpu())
+            if on_batch is not None:
+                on_batch(len(batch))
         return torch.cat(out) if out else torch.zeros(0, 0)

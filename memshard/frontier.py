@@ -200,8 +200,11 @@ def points_table(result: dict[str, Any], labels: dict[str, str] | None = None) -
         lines.append(
             f"| {labels.get(r['arm'], r['arm'])} | {r['round']} | {r['steps']} | {r['wall_s']:.0f} | "
             f"{_pct(r['memorized_fraction'])} | {_pct(r['early_stopping_memorized'])} | {r['fid']:.2f} | "
-            f"{r['copy_p95']:.3f} | {_pct(r['dup_copy_share'])} | {_pct(r['singleton_copy_share'])} |"
+            f"{r['copy_p95']:.3f}{'' if r.get('copy_calibrated', True) else '*'} | {_pct(r['dup_copy_share'])} | "
+            f"{_pct(r['singleton_copy_share'])} |"
         )
+    if not all(r.get("copy_calibrated", True) for r in result["rows"]):
+        lines.append("\n\\* copy similarity not calibrated for these images (metrics.json: copy_calibration_problem)")
     return "\n".join(lines)
 
 

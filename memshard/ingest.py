@@ -36,8 +36,12 @@ def format_bad(bad: list[tuple[int, str]], limit: int = 20) -> str:
     return "\n".join(lines)
 
 
-def ingest(cfg: MemshardConfig, uri: str, use_ray: bool = True) -> Ingested:
-    """Inspect and validate the dataset at ``uri`` against ``cfg.data``; raise DataError on bad input."""
+def check_dataset(cfg: MemshardConfig, uri: str) -> DatasetInfo:
+    """The dataset's schema and row counts against what the config needs: files' footers only, no rows.
+
+    Cheap (no decoding, no Ray), so the driver calls it before it starts or joins a cluster: a
+    0-byte file or a missing column is reported in a second, not after the cluster's start-up.
+    """
     info = inspect_dataset(uri)
     if cfg.model.class_conditional and not info.has_label:
         raise DataError(f"dataset {uri}: model.class_conditional needs a 'label' column")
@@ -45,6 +49,12 @@ def ingest(cfg: MemshardConfig, uri: str, use_ray: bool = True) -> Ingested:
         raise DataError(f"dataset {uri}: model.text_conditional needs a 'caption' column")
     if cfg.shards.policy == "stratified" and not info.has_label:
         raise DataError(f"dataset {uri}: shards.policy=stratified needs a 'label' column")
+    return info
+
+
+def ingest(cfg: MemshardConfig, uri: str, use_ray: bool = True) -> Ingested:
+    """Inspect and validate the dataset at ``uri`` against ``cfg.data``; raise DataError on bad input."""
+    info = check_dataset(cfg, uri)
     d = cfg.data
     chunks = row_chunks(info, d.validate_rows_per_task)
     args = [(f, a, b, d.image_size, d.channels, d.num_classes) for f, a, b in chunks]

@@ -73,3 +73,34 @@ class RoundProgress:
 
     def round_done(self, summary: dict[str, Any]) -> None:
         console.print(summary_line(summary, self._rounds))
+
+
+class Stage:
+    """A progress bar over one stage of long work (generation, features), drawn on a terminal only.
+
+    ``advance(n)`` as parts finish; off a terminal (logs, CI, pipes) it prints nothing beyond the
+    stage line callers print themselves, so logs stay readable.
+    """
+
+    def __init__(self, description: str, total: int, out: Console | None = None) -> None:
+        out = out or console
+        columns = (TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self._progress = Progress(*columns, console=out, transient=True) if out.is_terminal else None
+        self._task = self._progress.add_task(description, total=total) if self._progress is not None else None
+
+    def __enter__(self) -> Stage:
+        if self._progress is not None:
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def advance(self, n: int = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+
+    @property
+    def drawn(self) -> bool:
+        return self._progress is not None

@@ -7,7 +7,7 @@
 * RUN/report/skip_hist.png: how many samples were skipped how often over the run (the tail is
   the memorization-prone set MSR moves);
 * RUN/report/migrations.png: migration flows, a from-shard x to-shard matrix summed over the
-  run, and moves per round.
+  run, and moves per round (only when MSR moved samples: an empty plot says nothing).
 
 Everything is read from the run directory (local or s3://); nothing needs Ray.
 """
@@ -103,12 +103,19 @@ def plots(run: RunDir, rows: list[dict[str, Any]], k: int) -> dict[str, bytes]:
         plt.close(fig)
         out[name] = buf.getvalue()
 
+    from matplotlib.ticker import MaxNLocator
+
+    def whole(axis: Any) -> None:  # rounds and counts are integers: no 1.2, 1.4 ticks
+        axis.set_major_locator(MaxNLocator(integer=True))
+
     fig, ax = plt.subplots(figsize=(6.5, 4))
     rates = np.array([r["shard_skip_rate"] for r in rows]) * 100
     for s in range(k):
         ax.plot(rounds, rates[:, s], marker="o", label=f"shard {s}")
     ax.set_xlabel("round")
     ax.set_ylabel("skipped visits (%)")
+    ax.set_ylim(bottom=0, top=max(1.0, float(rates.max(initial=0)) * 1.1))  # no negative percentages
+    whole(ax.xaxis)
     ax.set_title("AGC skip rate per shard")
     ax.grid(alpha=0.3)
     if k <= 12:
@@ -120,11 +127,15 @@ def plots(run: RunDir, rows: list[dict[str, Any]], k: int) -> dict[str, bytes]:
     ax.hist(totals, bins=min(50, max(1, int(totals.max(initial=0)) + 1)), color="tab:orange")
     ax.set_xlabel("times skipped over the run")
     ax.set_ylabel("samples")
+    ax.set_xlim(left=-0.5)
+    whole(ax.xaxis)
     ax.set_yscale("log")
     ax.set_title(f"skip counts ({(totals > 0).sum()} of {len(totals)} samples skipped at least once)")
     save(fig, "skip_hist.png")
 
     mat, per_round = migration_matrix(run, len(rows), k)
+    if not mat.any():
+        return out
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     im = a1.imshow(mat, cmap="Blues")
     a1.set_xlabel("to shard")
@@ -134,6 +145,10 @@ def plots(run: RunDir, rows: list[dict[str, Any]], k: int) -> dict[str, bytes]:
     a2.bar(rounds, per_round, color="tab:blue")
     a2.set_xlabel("after round")
     a2.set_ylabel("samples moved")
+    whole(a2.xaxis)
+    whole(a2.yaxis)
+    for axis in (a1.xaxis, a1.yaxis):
+        whole(axis)
     a2.set_title("migrations per round")
     save(fig, "migrations.png")
     return out

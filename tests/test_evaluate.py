@@ -39,7 +39,8 @@ def test_evaluate_writes_metrics_grids_and_per_sample(tiny_run):
     assert np.isfinite(on_disk["fid"]) and on_disk["fid"] >= 0
     assert 0 <= on_disk["class_alignment"]["accuracy"] <= 1
     assert Image.open(f"{base}/samples.png").size[0] > 0
-    assert Image.open(f"{base}/most_copied.png").size[0] > 0
+    labelled = Image.open(f"{base}/most_copied.png")
+    assert labelled.size[0] > 0 and labelled.mode == "RGB"  # a labelled figure (pairs with titles), not a bare grid
     table = pq.read_table(f"{base}/per_sample.parquet").to_pandas()
     assert len(table) == 48 and table["nn_count"].sum() == 8
     assert table["memorized_nn_count"].sum() == round(m["memorized_fraction"] * 8)

@@ -83,9 +83,11 @@ def test_augmentation_is_recorded(plus_run):
     assert outcome.manifest["rounds"][1]["augmented"] == stats["augmented"].sum()
 
 
-def test_report_writes_table_and_plots(plus_run):
+def test_report_writes_table_and_plots(plus_run, capsys):
     out, _, outcome = plus_run
     assert cli_main(["report", out]) == 0
+    printed = capsys.readouterr().out  # piped (not a terminal): the table still gets the width it needs
+    assert "…" not in printed and all(f"{s['loss']:.4f}" in printed for s in outcome.manifest["rounds"])
     tab, written = report(out)
     headers = [c.header for c in tab.columns]
     assert {"migrated", "augmented", "strength", "skip"} <= set(headers) and tab.row_count == 3

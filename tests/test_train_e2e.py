@@ -1,6 +1,7 @@
 """End to end on a real local Ray cluster: K=2 shards, 2 rounds, tiny UNet, digits."""
 
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -121,3 +122,11 @@ def test_existing_run_dir_is_refused_and_resume_checks_config(straight_run):
         train(load_config("demo", [*TINY, "agc.ratio=3"]), out=out, resume=True)
     with pytest.raises(RunError, match="no run"):
         train(load_config("demo", TINY), out=out + "-missing", resume=True)
+
+
+def test_report_of_a_run_without_migrations_draws_no_migration_plot(straight_run):
+    from memshard.report import report
+
+    out, _ = straight_run
+    _, written = report(out)
+    assert sorted(os.path.basename(w) for w in written) == ["skip_hist.png", "skip_rate.png"]

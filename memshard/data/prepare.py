@@ -53,6 +53,11 @@ class PrepareResult:
     empty_captions: int = 0
     duplicated_images: int = 0  # distinct images stored more than once (``duplicate``)
     duplicate_rows: int = 0  # extra rows those copies added
+    # Image folders of mixed sizes: images smaller than image_size were enlarged (blurred), and
+    # non-square ones centre-cropped. Said, never silent: a dataset of blurred thumbnails trains a
+    # blurry model.
+    upscaled: int = 0
+    cropped: int = 0
 
 
 @dataclass
@@ -66,6 +71,8 @@ class _Rows:
     num_classes: int | None = None
     captions: list[str | None] | None = None
     ids: np.ndarray | None = None
+    upscaled: int = 0
+    cropped: int = 0
 
 
 # -- image helpers -----------------------------------------------------------------------
@@ -254,13 +261,20 @@ def _from_directory(root: str, image_size: int | None, channels: int | None, lim
         root, paths, captioned=any(p.with_suffix(".txt").is_file() for p in all_paths), labelled=labelled
     )
 
-    def images() -> Iterator[Image.Image]:
-        yield first
-        for path in paths[1:]:
-            yield open_image(path)
+    reshaped = {"upscaled": 0, "cropped": 0}
 
+    def images() -> Iterator[Image.Image]:
+        for i, path in enumerate(paths):
+            img = first if i == 0 else open_image(path)
+            reshaped["upscaled"] += min(img.size) < image_size
+            reshaped["cropped"] += img.size[0] != img.size[1]
+            yield img
+
+    encoded = _encode_all(images(), channels, image_size)
     return _Rows(
-        images=_encode_all(images(), channels, image_size),
+        images=encoded,
+        upscaled=reshaped["upscaled"],
+        cropped=reshaped["cropped"],
         image_size=image_size,
         channels=channels,
         labels=labels_all[: len(paths)] if labels_all is not None else None,
@@ -635,4 +649,6 @@ def prepare(
         empty_captions=sum(1 for c in rows.captions or [] if not c),
         duplicated_images=0 if duplicate is None else duplicate[0],
         duplicate_rows=len(rows.images) - distinct,
+        upscaled=rows.upscaled,
+        cropped=rows.cropped,
     )

@@ -5,6 +5,7 @@ from memshard.metrics.memorization import (
     CopySimilarity,
     MemorizationReport,
     calibrate_threshold,
+    calibration_problem,
     copy_similarity,
     memorization_report,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "CopySimilarity",
     "MemorizationReport",
     "calibrate_threshold",
+    "calibration_problem",
     "copy_similarity",
     "feature_stats",
     "fid_from_features",

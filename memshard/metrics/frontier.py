@@ -53,6 +53,7 @@ class Checkpoint:
     fid_distinct: float = math.nan
     nn_ratio_03: float = math.nan
     num_samples: int = 0  # generations the memorized fraction was measured on
+    copy_calibrated: bool = True  # False: copy_p95 measures nothing (memshard.metrics.calibration_problem)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +78,7 @@ def checkpoint_from_metrics(arm: str, m: dict[str, Any]) -> Checkpoint:
         fid_distinct=float(m.get("fid_distinct", m["fid"])),
         nn_ratio_03=float(m.get("nn_ratio_fraction", {}).get("0.3", math.nan)),
         num_samples=int(m.get("num_samples", 0)),
+        copy_calibrated=not m.get("copy_calibration_problem"),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ __all__ = [
     "CopySimilarity",
     "MemorizationReport",
     "calibrate_threshold",
+    "calibration_problem",
     "copy_similarity",
     "memorization_report",
 ]
@@ -177,6 +179,27 @@ def copy_similarity(
         max_similarity=s,
         nn_index=idx[:, 0].cpu().numpy().astype(np.int64),
     )
+
+
+def calibration_problem(calibration: dict[str, Any], min_balanced_accuracy: float = 0.75) -> str | None:
+    """Why a copy-threshold calibration cannot be trusted, or None when it can.
+
+    The threshold only means "copy" if the extractor tells augmented copies from distinct images:
+    copies must score higher on average, and the chosen threshold must separate them with a
+    balanced accuracy of at least ``min_balanced_accuracy``. When it does not (an extractor that
+    does not fit the images, tiny images, too few calibration images), copy similarity is no
+    measure of copying, and the console and metrics.json say so next to the figure.
+    """
+    tpr, fpr = float(calibration["tpr"]), float(calibration["fpr"])
+    copy_mean, distinct_mean = float(calibration["copy_mean"]), float(calibration["distinct_mean"])
+    if copy_mean <= distinct_mean:
+        return (f"augmented copies score lower than distinct images ({copy_mean:.3f} vs {distinct_mean:.3f}): "
+                "this extractor does not detect copies of these images")  # fmt: skip
+    balanced = (tpr + 1.0 - fpr) / 2.0
+    if balanced < min_balanced_accuracy:
+        return (f"the threshold finds {100 * tpr:.1f}% of augmented copies at {100 * fpr:.1f}% false positives "
+                f"(balanced accuracy {balanced:.2f} < {min_balanced_accuracy})")  # fmt: skip
+    return None
 
 
 def calibrate_threshold(copy_scores: np.ndarray, distinct_scores: np.ndarray) -> dict:
