@@ -57,21 +57,21 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from memshard.checkpoint import RunDir
 from memshard.config import MemshardConfig, load_config
 from memshard.data import prepare
-from memshard.driver import connect, train
-from memshard.evaluate import (
+from memshard.evaluation.evaluate import (
     EvalOptions,
     ReferenceSlot,
     evaluate_rounds,
     round_eval_dir,
     stored_round,
 )
-from memshard.frontier import build, matched_table, next_action, points_table, write_outputs
-from memshard.machine import device_info
-from memshard.metrics.frontier import Checkpoint, checkpoint_from_metrics
-from memshard.progress import console
+from memshard.evaluation.frontier import build, matched_table, next_action, points_table, write_outputs
+from memshard.evaluation.metrics.frontier import Checkpoint, checkpoint_from_metrics
+from memshard.io.rundir import RunDir
+from memshard.runtime.driver import connect, train
+from memshard.runtime.machine import device_info
+from memshard.runtime.progress import console
 
 INCOMPLETE_EXIT = 3
 EVAL_NAME = "bench"

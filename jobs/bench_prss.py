@@ -47,8 +47,8 @@ import pyarrow.parquet as pq
 import torch
 
 from memshard.config import load_config
-from memshard.driver import connect, train
-from memshard.progress import console
+from memshard.runtime.driver import connect, train
+from memshard.runtime.progress import console
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def generate(
     pipe: Any, prompts: list[str], seeds: list[int], steps: int, gs: float, **kw: Any
 ) -> tuple[np.ndarray, list, float]:
     """uint8 NHWC generations, per-image reports and wall seconds (batches of 32)."""
-    from memshard.sampling import to_uint8
+    from memshard.models.sampling import to_uint8
 
     imgs, reps = [], []
     t0 = time.perf_counter()
@@ -206,9 +206,9 @@ class Judge:
     """Copy similarity, pixel memorization and alignment of generations, against one training set."""
 
     def __init__(self, train_imgs: np.ndarray, align: Any) -> None:
-        from memshard.copies import calibration_pairs
-        from memshard.extractor import FeatureExtractor
-        from memshard.metrics.memorization import calibrate_threshold
+        from memshard.evaluation.copies import calibration_pairs
+        from memshard.evaluation.extractor import FeatureExtractor
+        from memshard.evaluation.metrics.memorization import calibrate_threshold
 
         self.train = as_float(train_imgs)
         self.extractor = FeatureExtractor()
@@ -218,7 +218,7 @@ class Judge:
         self.align = align
 
     def __call__(self, gen: np.ndarray, prompts: list[str]) -> dict[str, Any]:
-        from memshard.metrics.memorization import copy_similarity, memorization_report
+        from memshard.evaluation.metrics.memorization import copy_similarity, memorization_report
 
         g = as_float(gen)
         cs = copy_similarity(
@@ -262,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     plain_run = train_arm(size, split, args.out, "baseline")
     plus_run = None if args.skip_combined else train_arm(size, split, args.out, "iet-agc-plus")
 
-    from memshard.alignment import train_alignment
-    from memshard.mitigations import auc, tpr_at_fpr
-    from memshard.pipeline import load_served_t2i
+    from memshard.evaluation.alignment import train_alignment
+    from memshard.prss.mitigations import auc, tpr_at_fpr
+    from memshard.prss.pipeline import load_served_t2i
 
     src = split["source"]
     mem_imgs, mem_caps = rows_of(src, split["memorized"], size.image_size)
@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- detection and threshold calibration (undefended trajectories, magnitudes per step)
     generate(pipe, m_prompts, m_seeds, steps, gs, prss=False)  # warm-up (and the same work as the "none" arm)
-    from memshard.mitigations import detection_score
-    from memshard.privacy import level, reference_magnitudes
+    from memshard.prss.calibration import level, reference_magnitudes
+    from memshard.prss.mitigations import detection_score
 
     def mags(caps: list[str], n: int) -> np.ndarray:
         """Mean first-step magnitude over ``n`` seeds per caption (one batched UNet call per 32)."""
@@ -485,7 +485,7 @@ def plot(s: dict[str, Any], path: str) -> None:
 
 def sample_grid(grids: dict[str, np.ndarray], train: np.ndarray, g: int, path: str, rows: int = 8) -> None:
     """Rows: memorized prompts; columns: the training image, then one generation per method."""
-    from memshard.sampling import grid
+    from memshard.models.sampling import grid
 
     names = [n for n in ("none", "random_token", "wen", "ss", "pr", "prss q=0.9") if n in grids]
     tiles = []

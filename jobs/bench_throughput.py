@@ -3,18 +3,18 @@
 Issue 8 asks whether the defence is cheap to run, so each part is measured against the
 cheapest thing that does the same job, in the same process and the same run:
 
-* ``agc_overhead``: the step time of memshard's :class:`~memshard.proxy.Proxy` loop (AGC skip
+* ``agc_overhead``: the step time of memshard's :class:`~memshard.iet.proxy.Proxy` loop (AGC skip
   rule, TAA queue mode, memory bank, per-sample statistics) against a minimal plain diffusers
   loop of the same UNet, optimizer (Adam, grad clip, LR warm-up, EMA), batch and device. The
   arms are timed in interleaved repetitions (A B C .. then .. C B A, so slow drift from other
   load cancels) and compared by their medians. Proxy arms with AGC off and with AGC but no
   TAA (and the full IET-AGC+ proxy, threshold skipping included) split the overhead up.
-* ``orchestration_overhead``: a small real run on a local Ray cluster (``memshard.driver.train``
+* ``orchestration_overhead``: a small real run on a local Ray cluster (``memshard.runtime.driver.train``
   on the demo preset), read back from RUN/run.json: per round, 1 - max_shards(train_s) /
   round_s, the share of a round not spent training. Round 1 includes actor start-up and is
   left out of the median. The round is broken down from the run directory's file times
   (proxy checkpoints, aggregated weights, statistics) and the driver's ``on_round`` call.
-* ``aggregation``: :class:`~memshard.aggregate.StreamingAverage` over K=4 synthetic state dicts
+* ``aggregation``: :class:`~memshard.iet.aggregate.StreamingAverage` over K=4 synthetic state dicts
   against this machine's copy bandwidth (``torch.clone`` of a large tensor): aggregation is
   memory bound, so that is its roofline.
 
@@ -46,11 +46,11 @@ import torch
 # run as a script (python jobs/bench_throughput.py): the checkout's memshard, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memshard.aggregate import StreamingAverage
 from memshard.config import MemshardConfig, load_config
-from memshard.machine import device_info
-from memshard.proxy import Proxy, ShardData, batch_order
-from memshard.unet import build_scheduler, build_unet
+from memshard.iet.aggregate import StreamingAverage
+from memshard.iet.proxy import Proxy, ShardData, batch_order
+from memshard.models.unet import build_scheduler, build_unet
+from memshard.runtime.machine import device_info
 
 BASE_PRESET = "demo"
 PARTS = ("agc", "flops", "orchestration", "scaling", "aggregation", "sampling", "knn")
@@ -686,7 +686,7 @@ def bench_orchestration(size: Size, workdir: str, device: torch.device, shards: 
     """
     import ray
 
-    from memshard.driver import train
+    from memshard.runtime.driver import train
 
     if not ray.is_initialized():
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
@@ -839,7 +839,7 @@ def parallel_ceiling(case: StepCase, k: int, window_s: float) -> float:
 
 def bench_sampling(size: Size, device: torch.device) -> dict[str, Any]:
     """Batched DDIM sampling throughput (item 6) against one image at a time, same UNet and steps."""
-    from memshard.sampling import ddim_sample
+    from memshard.models.sampling import ddim_sample
 
     num, steps, batch = size.sampling
     cfg = load_config(BASE_PRESET, list(TINY_CASE if device.type == "cpu" else cifar_case("small", batch)))
@@ -866,7 +866,7 @@ def bench_knn(size: Size, device: torch.device) -> dict[str, Any]:
     The blocked search is a matrix product plus a top-k merge per block, so its time grows
     with Q x N at a fixed D; the slice is timed and scaled by (65,536 x 50,000) / (Q x N).
     """
-    from memshard.metrics.neighbours import topk_neighbours
+    from memshard.evaluation.metrics.neighbours import topk_neighbours
 
     q, n, d = size.knn
     g = torch.Generator().manual_seed(0)

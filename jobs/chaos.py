@@ -49,8 +49,8 @@ OVERRIDES = [
 
 
 def _kill_actor(cfg: Any, run: str, victim: str, delay: float, index: int) -> dict[str, Any]:
-    from memshard.chaos import TITLES, Killer
-    from memshard.driver import train
+    from memshard.runtime.driver import train
+    from memshard.testing.chaos import TITLES, Killer
 
     killer = Killer(victim=TITLES[victim], delay_s=delay, index=index).start()
     try:
@@ -63,8 +63,8 @@ def _kill_actor(cfg: Any, run: str, victim: str, delay: float, index: int) -> di
 def _kill_driver(cfg: Any, run: str, overrides: list[str], delay: float, after: int) -> dict[str, Any]:
     import ray
 
-    from memshard.chaos import committed_rounds, wait_for_round
-    from memshard.driver import train
+    from memshard.runtime.driver import train
+    from memshard.testing.chaos import committed_rounds, wait_for_round
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     cmd = [
@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from memshard.chaos import VICTIMS, same_weights
     from memshard.config import load_config
-    from memshard.driver import train
+    from memshard.runtime.driver import train
+    from memshard.testing.chaos import VICTIMS, same_weights
 
     overrides = [*OVERRIDES, f"train.rounds={args.rounds}"]
     cfg = load_config("demo", overrides)

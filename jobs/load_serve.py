@@ -9,7 +9,7 @@ time, what an operator would check before putting the endpoint behind a load bal
   images/s at concurrency 1, 16 and 32. Every request body comes from a fixed pool that the
   concurrency-1 phase sends alone first, so each answer under load is also compared with the
   same request made alone (``mismatched``: images that differ by more than ``TOLERANCE`` levels
-  of 255; a shared batch rounds differently, by up to 2 levels as measured, see memshard.serve);
+  of 255; a shared batch rounds differently, by up to 2 levels as measured, see memshard.serving.app);
 * **rss**: the replicas' resident memory sampled through the run (from /proc), and its growth
   from the end of warm-up (the concurrency-16 phase) to the end of the concurrency-32 phase;
 * **slow**: 64 connections that send the headers and half the body of ``POST /generate`` and
@@ -97,9 +97,9 @@ SIZES = {
 # --------------------------------------------------------------------------- the models
 def tiny_runs(cache: str) -> dict[str, str]:
     """One-round runs of the demo presets, trained once and reused from ``cache``."""
-    from memshard.checkpoint import RunDir
     from memshard.config import load_config
-    from memshard.driver import train
+    from memshard.io.rundir import RunDir
+    from memshard.runtime.driver import train
 
     runs = {}
     for kind, preset in (("t2i", "demo-t2i"), ("ddpm", "demo")):
@@ -240,7 +240,7 @@ def run_load(
 
 # --------------------------------------------------------------------------- memory
 def replica_pids(app: str) -> list[int]:
-    from memshard.chaos import ray_processes
+    from memshard.testing.chaos import ray_processes
 
     return ray_processes(f"ray::ServeReplica:{app}:")
 
@@ -712,8 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from memshard.machine import device_info
-    from memshard.serve import ServeLimits, free_port, serve_run
+    from memshard.runtime.machine import device_info
+    from memshard.serving.app import free_port, serve_run
+    from memshard.serving.requests import ServeLimits
 
     started = time.monotonic()
     if not ray.is_initialized():

@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from . import __version__
-from .config import PRESET_DIR, ConfigError, MemshardConfig, PRSSConfig, load_config, preset_names
+from memshard import __version__
+from memshard.config import PRESET_DIR, ConfigError, MemshardConfig, PRSSConfig, load_config, preset_names
 
 if TYPE_CHECKING:
-    from .evaluate import EvalOptions
+    from memshard.evaluation.evaluate import EvalOptions
 
-# The baselines of memshard.mitigations (kept here so `--help` needs no torch import).
+# The baselines of memshard.prss.mitigations (kept here so `--help` needs no torch import).
 MITIGATION_NAMES = ("none", "random_token", "random_number", "repeat_words", "gaussian_noise", "wen")
 
 
@@ -127,7 +127,7 @@ def _config(args: argparse.Namespace) -> MemshardConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .driver import default_run_dir, train
+    from memshard.runtime.driver import default_run_dir, train
 
     cfg = _config(args)
     out = args.out or cfg.storage.run_dir or (None if args.resume else default_run_dir(cfg))
@@ -141,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def interrupted_message(args: argparse.Namespace, out: str | None) -> str:
     """What Ctrl-C during training kept, and the command that continues it."""
-    from .checkpoint import RunDir
+    from memshard.io.rundir import RunDir
 
     manifest = None
     if out is not None:
@@ -171,8 +171,8 @@ def cmd_config_presets(_args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .data import prepare
-    from .data.prepare import parse_duplicate
+    from memshard.data import prepare
+    from memshard.data.prepare import parse_duplicate
 
     try:
         duplicate = parse_duplicate(args.duplicate) if args.duplicate else None
@@ -204,7 +204,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def _is_t2i(run: str) -> bool:
     import json
 
-    from .storage import Storage
+    from memshard.io.storage import Storage
 
     store = Storage(run)
     if not store.exists("served/model_index.json"):
@@ -236,10 +236,10 @@ def _prss_error(exc: ValidationError, base: PRSSConfig) -> str:
 
 
 def cmd_sample_t2i(args: argparse.Namespace) -> int:
-    from .checkpoint import RunDir
-    from .config import build_config
-    from .privacy import load_calibration
-    from .t2i import SampleRequest, read_prompts, sample_run
+    from memshard.config import build_config
+    from memshard.io.rundir import RunDir
+    from memshard.prss.calibration import load_calibration
+    from memshard.prss.sample import SampleRequest, read_prompts, sample_run
 
     manifest = RunDir(args.run).manifest()
     prss = build_config(manifest["config"]).prss if manifest else None
@@ -291,7 +291,7 @@ def cmd_sample_t2i(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep
+    from memshard.sweep import run_sweep
 
     df = run_sweep(
         args.config, args.param or [], args.samples, args.out, args.set or [],
@@ -303,7 +303,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import ServeLimits, describe, serve_run
+    from memshard.serving.app import describe, serve_run
+    from memshard.serving.requests import ServeLimits
 
     if args.detach and not os.environ.get("RAY_ADDRESS"):
         raise ConfigError("--detach needs a running Ray cluster (RAY_ADDRESS): a local one dies with this process")
@@ -331,7 +332,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate_prss(args: argparse.Namespace) -> int:
-    from .privacy import calibrate_run
+    from memshard.prss.calibration import calibrate_run
 
     out = calibrate_run(args.run, q=args.quantile, num_prompts=args.num_prompts, steps=args.steps, seed=args.seed)
     print(
@@ -345,7 +346,7 @@ def cmd_calibrate_prss(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .sampling import ddim_sample, grid, load_served_unet, to_uint8
+    from memshard.models.sampling import ddim_sample, grid, load_served_unet, to_uint8
 
     if _is_t2i(args.run):
         return cmd_sample_t2i(args)
@@ -376,16 +377,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _eval_options(args: argparse.Namespace, **extra: object) -> EvalOptions:
     """EvalOptions from the evaluation flags shared by evaluate, frontier and compare."""
-    from .evaluate import SETTINGS_KEYS, EvalOptions
+    from memshard.evaluation.evaluate import SETTINGS_KEYS, EvalOptions
 
     kw = {key: getattr(args, key) for key in (*SETTINGS_KEYS, "name") if getattr(args, key, None) is not None}
     return EvalOptions(**{**kw, **extra})
 
 
 def _connect_for(run: str) -> None:
-    from .checkpoint import RunDir
-    from .config import build_config
-    from .driver import connect
+    from memshard.config import build_config
+    from memshard.io.rundir import RunDir
+    from memshard.runtime.driver import connect
 
     manifest = RunDir(run).manifest()
     if manifest is None:
@@ -396,7 +397,7 @@ def _connect_for(run: str) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import ray
 
-    from .evaluate import evaluate, evaluate_rounds, round_eval_dir, summary_lines
+    from memshard.evaluation.evaluate import evaluate, evaluate_rounds, round_eval_dir, summary_lines
 
     if args.rounds is not None and args.round is not None:
         raise ConfigError("give --round R (one round, into RUN/eval/NAME/) or --rounds LIST (each into round-XXXX/)")
@@ -421,7 +422,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_frontier(args: argparse.Namespace) -> int:
     import ray
 
-    from .frontier import frontier, matched_table, points_table
+    from memshard.evaluation.frontier import frontier, matched_table, points_table
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     _connect_for(args.baseline)
@@ -437,8 +438,8 @@ def cmd_frontier(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
-    from .driver import default_run_dir
+    from memshard.evaluation.compare import compare
+    from memshard.runtime.driver import default_run_dir
 
     cfg = _config(args)
     out = args.out or default_run_dir(cfg)
@@ -448,8 +449,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .progress import console
-    from .report import report
+    from memshard.evaluation.report import report
+    from memshard.runtime.progress import console
 
     tab, written = report(args.run)
     # Rich lays a table out to the terminal's width (80 columns when piped) and cuts values with
@@ -474,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_SubParser)
 
     def add_eval_args(sp: argparse.ArgumentParser) -> None:
-        from .metrics.dedupe import DEDUPE_MODES, NEAR_THRESHOLD
+        from memshard.evaluation.metrics.dedupe import DEDUPE_MODES, NEAR_THRESHOLD
 
         sp.add_argument("--num", type=POSITIVE, default=256, help="samples to generate (per round)")
         sp.add_argument(
@@ -708,10 +709,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import WeightsError
-    from .data import DataError
-    from .driver import RunError
-    from .frontier import FrontierError
+    from memshard.data import DataError
+    from memshard.evaluation.frontier import FrontierError
+    from memshard.io.weights import WeightsError
+    from memshard.runtime.driver import RunError
 
     try:
         return args.func(args)

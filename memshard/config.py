@@ -123,6 +123,19 @@ class ModelConfig(_Section):
     )
 
 
+def reanchoring_problem(tau: float, lambda_pr: float, guidance_scale: float, mode: str = "prss") -> str | None:
+    """The one rule between PRSS's thresholds, or None when they are fine.
+
+    Re-anchoring ramps guidance from lambda_pr up to full strength at tau, so it needs tau >
+    lambda_pr (equivalently tau > a = (s*lambda_pr - tau)/(s - 1)); it only acts in modes prss
+    and pr with guidance above 1. The config, the sampler and the server all ask this function.
+    """
+    if mode == "ss" or guidance_scale <= 1 or tau > lambda_pr:
+        return None
+    return (f"tau must exceed lambda_pr (re-anchoring reaches full strength at tau; "
+            f"got tau={tau:g}, lambda_pr={lambda_pr:g})")  # fmt: skip
+
+
 class PRSSConfig(_Section):
     """Memorization-safe text-to-image sampling (spec section 4); thresholds are the privacy level."""
 
@@ -148,9 +161,9 @@ class PRSSConfig(_Section):
 
     @model_validator(mode="after")
     def _thresholds(self) -> PRSSConfig:
-        s = self.guidance_scale
-        if s > 1 and self.tau <= (s * self.lambda_pr - self.tau) / (s - 1):
-            raise ValueError("prss.tau must exceed a = (s*lambda_pr - tau)/(s - 1), i.e. tau > lambda_pr")
+        problem = reanchoring_problem(self.tau, self.lambda_pr, self.guidance_scale, self.mode)
+        if problem is not None:
+            raise ValueError(f"prss.{problem}")
         if self.candidates == "bank" and self.bank is None:
             raise ValueError("prss.candidates=bank needs prss.bank (a prompt bank file)")
         return self

@@ -1,6 +1,6 @@
 """`memshard sweep`: hyperparameter search where every trial is a full IET-AGC(+) run, on Ray Tune.
 
-A trial applies its sampled values to the base config and calls :func:`memshard.driver.train`
+A trial applies its sampled values to the base config and calls :func:`memshard.runtime.driver.train`
 with ``out = DIR/trials/<trial id>``; the driver's ``on_round`` callback reports each committed
 round to Tune (``ray.tune.report``: loss, skip rate, throughput, migrations), so ASHA can stop
 a bad setting after ``sweep.grace_period`` rounds instead of paying for all of them. With
@@ -42,8 +42,7 @@ import numpy as np
 import pandas as pd
 import ray
 
-from .checkpoint import RunDir
-from .config import (
+from memshard.config import (
     EVAL_METRICS,
     ConfigError,
     MemshardConfig,
@@ -54,15 +53,16 @@ from .config import (
     parse_search_space,
     set_dotted,
 )
-from .driver import RunError, check_resources, connect, shard_bundles, shard_resources, train
-from .progress import console
-from .storage import Storage, is_remote
-from .tasks import remote_call
+from memshard.io.rundir import RunDir
+from memshard.io.storage import Storage, is_remote
+from memshard.runtime.driver import RunError, check_resources, connect, shard_bundles, shard_resources, train
+from memshard.runtime.progress import console
+from memshard.runtime.tasks import remote_call
 
 RESULTS_CSV = "results.csv"
 PARETO_PNG = "pareto.png"
 TRIALS_DIR = "trials"
-# Per-round figures a trial reports (the summary keys of memshard.coordinator / driver).
+# Per-round figures a trial reports (the summary keys of memshard.runtime.coordinator / driver).
 ROUND_KEYS = ("loss", "skip_rate", "images_per_s", "round_s", "migrated", "samples_skipped_once", "mean_strength")
 # Config keys holding local paths: made absolute, because Tune runs each trial in its own working directory.
 _PATH_KEYS = ("data.path", "data.cache_dir", "model.pipeline", "model.preset", "model.text_encoder", "prss.bank")
@@ -189,7 +189,7 @@ def evaluate_trial(cfg: MemshardConfig, sweep: SweepConfig, run_uri: str) -> dic
     from ray.util.placement_group import get_current_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from .evaluate import EvalOptions, evaluate
+    from memshard.evaluation.evaluate import EvalOptions, evaluate
 
     opts = EvalOptions(
         num=sweep.eval_num,
@@ -491,7 +491,7 @@ def run_sweep(
 
     Arguments left None keep the config's ``sweep:`` section (or its defaults). Everything is
     validated before Ray starts: a bad space, key or option raises :class:`ConfigError`, a sweep
-    whose trials cannot fit the cluster :class:`~memshard.driver.RunError`.
+    whose trials cannot fit the cluster :class:`~memshard.runtime.driver.RunError`.
     """
     cfg = sweep_config(
         config_source,

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from memshard.aggregate import StreamingAverage, shard_weights, weighted_average
-from memshard.shard import shard_sizes, split, split_random, split_stratified
+from memshard.iet.aggregate import StreamingAverage, shard_weights, weighted_average
+from memshard.iet.split import shard_sizes, split, split_random, split_stratified
 
 
 def test_weighted_average_matches_hand_computation():

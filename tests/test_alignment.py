@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from memshard.alignment import MODEL_NAME, AlignmentConfig, AlignmentModel, clip_scorer, train_alignment
+from memshard.evaluation.alignment import MODEL_NAME, AlignmentConfig, AlignmentModel, clip_scorer, train_alignment
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
 SHAPES = ("square", "circle", "cross", "stripe")

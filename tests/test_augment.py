@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from memshard.augment import OPS, augment, choose_ops, magnitudes, strength
+from memshard.iet.taa import OPS, augment, choose_ops, magnitudes, strength
 
 
 def test_strength_mapping():

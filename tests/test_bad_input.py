@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from memshard.checkpoint import RunDir, WeightsError
 from memshard.config import load_config
-from memshard.storage import Storage
-from memshard.unet import build_scheduler, build_unet, unet_config, unet_shapes
+from memshard.io.rundir import RunDir
+from memshard.io.storage import Storage
+from memshard.io.weights import WeightsError
+from memshard.models.unet import build_scheduler, build_unet, unet_config, unet_shapes
+from memshard.serving.publish import publish_served
 from tests.conftest import TINY
 
 PACKAGE = Path(__file__).resolve().parents[1] / "memshard"
@@ -41,7 +43,7 @@ def _served_ddpm_run(root: Path, *extra: str) -> tuple[str, dict[str, torch.Tens
     run = RunDir(str(root / "run"))
     run.save_weights(1, state, state)
     run.write_manifest({"config": cfg.to_dict(), "rounds_completed": 1, "rounds": []})
-    run.publish_served(unet_config(cfg), dict(build_scheduler(cfg).config), state, state, {"round": 1})
+    publish_served(run, unet_config(cfg), dict(build_scheduler(cfg).config), state, state, {"round": 1})
     return run.uri, state
 
 
@@ -65,7 +67,7 @@ def _plant_pickle(directory: Path, marker: Path, name: str = "diffusion_pytorch_
 
 
 def _refused_before_run_dir(cfg, out: Path, exc_type: type[BaseException], *needles: str) -> None:
-    from memshard.driver import train
+    from memshard.runtime.driver import train
 
     with pytest.raises(exc_type) as info:
         train(cfg, out=str(out))
@@ -76,7 +78,7 @@ def _refused_before_run_dir(cfg, out: Path, exc_type: type[BaseException], *need
 
 # -- architecture of a pipeline / pretrained model vs config and data -----------------------------
 def test_image_size_the_unet_cannot_downsample_is_refused_before_the_run_dir(tmp_path):
-    from memshard.driver import RunError
+    from memshard.runtime.driver import RunError
 
     # the tiny preset halves twice: 18 -> 9 -> 4, and the skip connections (9 vs 8) would crash every actor
     cfg = _ddpm_cfg("data.image_size=18")
@@ -85,7 +87,7 @@ def test_image_size_the_unet_cannot_downsample_is_refused_before_the_run_dir(tmp
 
 
 def test_pretrained_unet_contradicting_the_data_is_refused_before_the_run_dir(tmp_path):
-    from memshard.driver import RunError
+    from memshard.runtime.driver import RunError
 
     rgb = build_unet(_ddpm_cfg("data.channels=3"))
     rgb.save_pretrained(tmp_path / "unet-rgb", safe_serialization=True)
@@ -98,7 +100,7 @@ def test_pretrained_unet_contradicting_the_data_is_refused_before_the_run_dir(tm
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory) -> Path:
-    from memshard.tiny_pipeline import write_tiny_sd_pipeline
+    from memshard.testing.tiny_pipeline import write_tiny_sd_pipeline
 
     return Path(write_tiny_sd_pipeline(str(tmp_path_factory.mktemp("sd") / "tinysd"), image_size=32))
 
@@ -127,7 +129,7 @@ def _edited_pipeline(src: Path, dst: Path, **unet_conf) -> Path:
 def test_pipeline_unet_contradicting_vae_or_text_encoder_is_refused_before_the_run_dir(
     tiny_sd, tmp_path, edit, needles
 ):
-    from memshard.driver import RunError
+    from memshard.runtime.driver import RunError
 
     unet_config(_sd_cfg(tiny_sd))  # the unedited pipeline is accepted
     bad = _edited_pipeline(tiny_sd, tmp_path / "sd-edited", **edit)
@@ -135,7 +137,7 @@ def test_pipeline_unet_contradicting_vae_or_text_encoder_is_refused_before_the_r
 
 
 def test_pipeline_with_pickle_only_weights_is_refused_before_the_run_dir(tiny_sd, tmp_path):
-    from memshard.driver import RunError
+    from memshard.runtime.driver import RunError
 
     bad = tmp_path / "sd-pickle"
     shutil.copytree(tiny_sd, bad)
@@ -165,15 +167,15 @@ def test_round_weights_that_do_not_fit_the_config_name_the_run_and_tensor(tmp_pa
     # resume republishes served/ from the committed round: same clear error, served/ untouched
     before = sorted(os.listdir(os.path.join(run_uri, "served")))
     with pytest.raises(WeightsError, match=r"run .*run: weights of round 2: weights do not fit.*'conv_in\.weight'"):
-        run.publish_served(unet_config(cfg), dict(build_scheduler(cfg).config), bad, None, {"round": 2})
+        publish_served(run, unet_config(cfg), dict(build_scheduler(cfg).config), bad, None, {"round": 2})
     assert sorted(os.listdir(os.path.join(run_uri, "served"))) == before
     # `memshard sample/evaluate RUN --round 2`
-    from memshard.sampling import load_served_unet
+    from memshard.models.sampling import load_served_unet
 
     with pytest.raises(WeightsError, match=r"rounds/0002/global\.safetensors.*'conv_in\.weight'"):
         load_served_unet(run_uri, round_id=2)
     # a proxy given those weights (a shard actor at the start of a round)
-    from memshard.proxy import Proxy
+    from memshard.iet.proxy import Proxy
 
     proxy = Proxy(cfg, 0, torch.device("cpu"))
     with pytest.raises(WeightsError, match=r"global weights given to shard 0.*'conv_in\.weight'"):
@@ -182,8 +184,8 @@ def test_round_weights_that_do_not_fit_the_config_name_the_run_and_tensor(tmp_pa
 
 def test_served_weights_that_do_not_fit_their_config_are_refused_by_sample_evaluate_and_serve(tmp_path, capsys):
     from memshard.cli import main
-    from memshard.sampling import load_served_unet
-    from memshard.serve import build_app
+    from memshard.models.sampling import load_served_unet
+    from memshard.serving.app import build_app
 
     run_uri, _ = _served_ddpm_run(tmp_path)
     load_served_unet(run_uri)  # intact: loads
@@ -204,8 +206,8 @@ def test_served_weights_that_do_not_fit_their_config_are_refused_by_sample_evalu
 
 # -- security: safetensors only, a planted pickle is never executed --------------------------------
 def test_planted_pickle_in_a_served_ddpm_dir_is_ignored_or_refused_never_executed(tmp_path):
-    from memshard.sampling import load_served_unet
-    from memshard.serve import build_app
+    from memshard.models.sampling import load_served_unet
+    from memshard.serving.app import build_app
 
     run_uri, state = _served_ddpm_run(tmp_path)
     unet_dir = Path(run_uri) / "served" / "unet"
@@ -224,7 +226,7 @@ def test_planted_pickle_in_a_served_ddpm_dir_is_ignored_or_refused_never_execute
 
 
 def test_planted_pickle_in_a_served_t2i_dir_is_never_executed(tmp_path):
-    from memshard.pipeline import load_served_t2i
+    from memshard.prss.pipeline import load_served_t2i
     from tests.t2i_data import write_captioned_parquet
     from tests.test_t2i_train import t2i_config
 
@@ -233,7 +235,7 @@ def test_planted_pickle_in_a_served_t2i_dir_is_never_executed(tmp_path):
     state = build_unet(cfg).state_dict()
     run = RunDir(str(tmp_path / "run"))
     model = cfg.model.model_dump(mode="json")
-    run.publish_served(unet_config(cfg), dict(build_scheduler(cfg).config), state, None, {"round": 1}, model)
+    publish_served(run, unet_config(cfg), dict(build_scheduler(cfg).config), state, None, {"round": 1}, model)
     served = Path(run.uri) / "served"
     marker = tmp_path / "pwned"
     _plant_pickle(served / "unet", marker)
@@ -311,7 +313,7 @@ def test_storage_paths_cannot_escape_the_run_directory(tmp_path, rel):
 
 # -- prompts ---------------------------------------------------------------------------------------
 def test_check_prompts_names_the_offending_prompt():
-    from memshard.t2i import MAX_PROMPT_CHARS, check_prompts
+    from memshard.prss.sample import MAX_PROMPT_CHARS, check_prompts
 
     class Words:
         model_max_length = 5

@@ -44,7 +44,7 @@ def test_arms_share_data_seed_batch_and_the_checkpoint_budget():
 
 
 def test_next_action_trains_to_equal_steps_then_on_until_matched_quality():
-    from memshard.frontier import next_action as act
+    from memshard.evaluation.frontier import next_action as act
 
     # nothing yet: train to the baseline's steps (4 rounds), then evaluate them all
     assert act({}, 0, 20.0, equal=4, cap=16, every=2) == ("train", [4])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from memshard.classifier import SmallCNN, class_accuracy, predict, train_classifier
-from memshard.copies import augmented_copies, calibration_pairs
+from memshard.evaluation.classifier import SmallCNN, class_accuracy, predict, train_classifier
+from memshard.evaluation.copies import augmented_copies, calibration_pairs
 
 
 def _quadrant_set(n: int = 400, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

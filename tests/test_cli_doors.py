@@ -165,10 +165,10 @@ def test_ctrl_c_during_training_says_what_was_kept_and_how_to_resume(tmp_path):
 
 
 def test_a_failed_copy_calibration_is_said_next_to_the_figure():
-    from memshard.evaluate import summary_lines
-    from memshard.frontier import points_table
-    from memshard.metrics import calibration_problem
-    from memshard.metrics.frontier import checkpoint_from_metrics
+    from memshard.evaluation.evaluate import summary_lines
+    from memshard.evaluation.frontier import points_table
+    from memshard.evaluation.metrics import calibration_problem
+    from memshard.evaluation.metrics.frontier import checkpoint_from_metrics
 
     good = {"tpr": 0.96, "fpr": 0.03, "copy_mean": 0.93, "distinct_mean": 0.71}
     assert calibration_problem(good) is None
@@ -194,7 +194,7 @@ def test_long_stages_draw_a_bar_on_a_terminal_and_nothing_in_a_log():
 
     from rich.console import Console
 
-    from memshard.progress import Stage
+    from memshard.runtime.progress import Stage
 
     term = Console(file=io.StringIO(), force_terminal=True, width=100)
     with Stage("features of training images", 10, term) as bar:

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from memshard.compare import baseline_of, compare
 from memshard.config import load_config
-from memshard.evaluate import EvalOptions
+from memshard.evaluation.compare import baseline_of, compare
+from memshard.evaluation.evaluate import EvalOptions
 from tests.conftest import TINY
 
 

@@ -1,4 +1,4 @@
-"""Neighbour metrics over distinct reference images (memshard.metrics.dedupe)."""
+"""Neighbour metrics over distinct reference images (memshard.evaluation.metrics.dedupe)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from memshard.data.prepare import _Rows, duplicate_rows, parse_duplicate
-from memshard.metrics import memorization_report
-from memshard.metrics.dedupe import copies_by_multiplicity, group_reference, pairwise_rms
+from memshard.evaluation.metrics import memorization_report
+from memshard.evaluation.metrics.dedupe import copies_by_multiplicity, group_reference, pairwise_rms
 
 
 def _distinct_images(n: int, seed: int = 0, size: int = 16) -> torch.Tensor:

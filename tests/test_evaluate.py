@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from memshard.checkpoint import RunDir
 from memshard.config import load_config
-from memshard.driver import train
-from memshard.evaluate import EvalOptions, evaluate, summary_lines
+from memshard.evaluation.evaluate import EvalOptions, evaluate, summary_lines
+from memshard.io.rundir import RunDir
+from memshard.runtime.driver import train
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.ray
@@ -50,7 +50,7 @@ def test_evaluate_writes_metrics_grids_and_per_sample(tiny_run):
 
 
 def test_generation_is_independent_of_the_split(tiny_run):
-    from memshard.evaluate import generate
+    from memshard.evaluation.evaluate import generate
 
     labels = np.arange(6) % 10
     a = generate(tiny_run, 6, 2, "ema", 3, labels, batch_size=6)
@@ -78,7 +78,7 @@ def test_no_duplicates_gives_bit_equal_figures_with_and_without_dedupe(tiny_run,
 
 def test_rounds_are_evaluated_with_the_same_generations_and_reused(tiny_run, tmp_path, monkeypatch):
     from memshard.cli import main as cli
-    from memshard.evaluate import evaluate_rounds
+    from memshard.evaluation.evaluate import evaluate_rounds
 
     monkeypatch.setenv("MEMSHARD_CACHE", str(tmp_path / "cache"))
     opts = EvalOptions(num=6, steps=2, fid_reference=16, calibration_images=8, classifier_epochs=1, name="per-round")

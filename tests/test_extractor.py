@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memshard.extractor import INCEPTION_NAME, FeatureExtractor, inception_path
+from memshard.evaluation.extractor import INCEPTION_NAME, FeatureExtractor, inception_path
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from memshard.chaos import Killer, committed_rounds, ray_processes, same_weights, wait_for_round
 from memshard.config import load_config
-from memshard.driver import RunError, train
+from memshard.runtime.driver import RunError, train
+from memshard.testing.chaos import Killer, committed_rounds, ray_processes, same_weights, wait_for_round
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]

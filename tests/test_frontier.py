@@ -9,8 +9,8 @@ import math
 import pytest
 from PIL import Image
 
-from memshard.frontier import CSV_COLUMNS, FrontierError, build, matched_table, verdict, write_outputs
-from memshard.metrics.frontier import (
+from memshard.evaluation.frontier import CSV_COLUMNS, FrontierError, build, matched_table, verdict, write_outputs
+from memshard.evaluation.metrics.frontier import (
     Checkpoint,
     at_matched_quality,
     checkpoint_from_metrics,
@@ -139,7 +139,7 @@ def test_build_needs_the_baseline():
 def test_frontier_command_on_real_runs(ray_cluster, tmp_path, monkeypatch, capsys):
     from memshard.cli import main as cli
     from memshard.config import load_config
-    from memshard.driver import train
+    from memshard.runtime.driver import train
     from tests.conftest import TINY
 
     monkeypatch.setenv("MEMSHARD_CACHE", str(tmp_path / "cache"))

@@ -1,4 +1,4 @@
-"""Tests for memshard.metrics: blocked exact k-NN, memorization ratios, copy similarity, FID."""
+"""Tests for memshard.evaluation.metrics: blocked exact k-NN, memorization ratios, copy similarity, FID."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from memshard.metrics import (
+from memshard.evaluation.metrics import (
     calibrate_threshold,
     copy_similarity,
     feature_stats,
@@ -18,7 +18,7 @@ from memshard.metrics import (
     peak_block_bytes,
     topk_neighbours,
 )
-from memshard.metrics.neighbours import _plan
+from memshard.evaluation.metrics.neighbours import _plan
 
 CASES = [  # (Q, N, D, k, budget bytes) - budgets small enough to force many blocks in both dimensions
     (37, 53, 5, 7, 400),
@@ -216,7 +216,7 @@ def test_fid_singular_covariance_is_finite() -> None:
 def test_fid_trace_matches_scipy_sqrtm_and_handles_fewer_samples_than_dims():
     import scipy.linalg
 
-    from memshard.metrics.fid import trace_sqrt_product
+    from memshard.evaluation.metrics.fid import trace_sqrt_product
 
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(200, 6)), rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6))

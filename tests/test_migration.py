@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from memshard.migration import SkipLedger, migrates_after, plan_migrations, size_bounds
+from memshard.iet.msr import SkipLedger, plan_migrations, size_bounds
+from memshard.iet.schedule import migrates_after
 
 
 def _case(seed, n=60, k=4):

@@ -7,7 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from memshard.mitigations import (
+from memshard.models.text import TextCond
+from memshard.prss.mitigations import (
     MITIGATIONS,
     VOCABULARY,
     auc,
@@ -20,8 +21,7 @@ from memshard.mitigations import (
     tpr_at_fpr,
     wen_optimize,
 )
-from memshard.prss import PRSSOptions, first_step_magnitude, sample
-from memshard.text import TextCond
+from memshard.prss.sampler import PRSSOptions, first_step_magnitude, sample
 from tests.test_prss import OFFSETS, SCHED, STEPS, Planted, direction, noise, one_thread, toy_encode, unet_eps
 
 __all__ = ["one_thread"]  # the module-scoped single-thread fixture, reused

@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memshard.checkpoint import RunDir
 from memshard.cli import main as cli_main
 from memshard.config import load_config
-from memshard.coordinator import migrate
-from memshard.driver import train
-from memshard.migration import SkipLedger
-from memshard.proxy import round_seed
-from memshard.report import report
+from memshard.evaluation.report import report
+from memshard.iet.msr import SkipLedger
+from memshard.io.rundir import RunDir
+from memshard.runtime.coordinator import migrate
+from memshard.runtime.driver import train
+from memshard.seeds import round_seed
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.ray

@@ -13,9 +13,10 @@ import torch
 
 from memshard import skip
 from memshard.config import load_config
-from memshard.coordinator import round_summary
-from memshard.progress import summary_line
-from memshard.proxy import NonFiniteLossError, Proxy, ShardData, batch_order, round_seed, warmup_for
+from memshard.iet.proxy import NonFiniteLossError, Proxy, ShardData, batch_order, warmup_for
+from memshard.runtime.coordinator import round_summary
+from memshard.runtime.progress import summary_line
+from memshard.seeds import round_seed
 from tests.test_proxy import BASE
 
 N, BATCH, BAD = 12, 4, 5  # BAD: row of the corrupt sample; its id is 100 + BAD

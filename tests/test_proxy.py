@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from memshard.config import load_config
-from memshard.proxy import Proxy, ShardData, batch_order, round_seed, steps_for
-from memshard.unet import build_unet, unet_config
+from memshard.iet.proxy import Proxy, ShardData, batch_order, steps_for
+from memshard.models.unet import build_unet, unet_config
+from memshard.seeds import round_seed
 
 BASE = ["train.batch_size=4", "train.warmup_steps=1", "model.num_train_timesteps=50"]
 

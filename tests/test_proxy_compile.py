@@ -3,10 +3,10 @@
 import numpy as np
 import torch
 
-from memshard.compiled import Parity, gradient_parity
 from memshard.config import load_config
-from memshard.progress import summary_line
-from memshard.proxy import Proxy, ShardData
+from memshard.iet.compiled import Parity, gradient_parity
+from memshard.iet.proxy import Proxy, ShardData
+from memshard.runtime.progress import summary_line
 
 # eps >> sqrt(v): Adam steps ~ lr * gradient, so float reordering gives tiny weight changes, not sign flips
 BASE = [

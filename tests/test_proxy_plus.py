@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from memshard.config import ConfigError, load_config
-from memshard.proxy import Proxy
+from memshard.iet.proxy import Proxy
 from tests.test_proxy import BASE, _data
 
 # r = 1: skip iff l < m[t], so about half the visits are skipped once the bank has filled

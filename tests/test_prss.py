@@ -19,10 +19,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from memshard.candidates import BankProvider, ListProvider, PerturbProvider, load_bank, make_provider
-from memshard.prss import PRSSOptions, first_step_magnitude, sample
-from memshard.reanchor import cfg_eps, magnitude, reanchor_scale, reanchored_eps
-from memshard.text import TextCond
+from memshard.models.text import TextCond
+from memshard.prss.candidates import BankProvider, ListProvider, PerturbProvider, load_bank, make_provider
+from memshard.prss.reanchor import cfg_eps, magnitude, reanchor_scale, reanchored_eps
+from memshard.prss.sampler import PRSSOptions, first_step_magnitude, sample
 
 L, D = 6, 16
 STEPS = 4

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from memshard.config import load_config
-from memshard.serve import RequestError, ServeLimits, parse_t2i, server_prss
+from memshard.serving.requests import RequestError, ServeLimits, parse_t2i, server_prss
 from tests.conftest import TINY
 from tests.t2i_data import write_captioned_parquet
 from tests.test_t2i_train import t2i_config
@@ -42,7 +42,7 @@ HTTP_TIMEOUT = 180  # every call is bounded (a loaded 2-core machine samples slo
 
 @pytest.fixture(scope="module")
 def t2i_run(ray_cluster, tmp_path_factory) -> str:
-    from memshard.driver import train
+    from memshard.runtime.driver import train
 
     root = tmp_path_factory.mktemp("serve-t2i")
     data = write_captioned_parquet(str(root / "shapes.parquet"), 24)
@@ -57,7 +57,7 @@ def t2i_run(ray_cluster, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def ddpm_run(ray_cluster, tmp_path_factory) -> str:
-    from memshard.driver import train
+    from memshard.runtime.driver import train
 
     out = str(tmp_path_factory.mktemp("serve-ddpm") / "run")
     assert train(load_config("demo", TINY), out=out).complete
@@ -68,7 +68,7 @@ def ddpm_run(ray_cluster, tmp_path_factory) -> str:
 def urls(t2i_run, ddpm_run):
     from ray import serve
 
-    from memshard.serve import describe, free_port, serve_run
+    from memshard.serving.app import describe, free_port, serve_run
 
     port = free_port()
     ready: list[str] = []
@@ -186,7 +186,7 @@ def test_bad_requests_get_4xx_with_a_message(urls):
         ({"prompt": "a red square", "colour": "red"}, 400, "unknown field 'colour'"),
         ({"prompt": "a red square", "prss": False}, 403, "allow-no-prss"),
         ({"prompt": "a red square", "lambda_ss": -1.0}, 400, "'lambda_ss'"),
-        ({"prompt": "a red square", "lambda_pr": 1.0, "tau": 0.5}, 400, "tau > lambda_pr"),
+        ({"prompt": "a red square", "lambda_pr": 1.0, "tau": 0.5}, 400, "tau must exceed lambda_pr"),
         ({"prompt": "a red square", "seeds": [1, 2]}, 400, "2 entries for 1 images"),
         ({"prompt": "a red square", "guidance_scale": 100.0}, 400, "guidance_scale"),
         ({"num_images": 1}, 400, "'prompt'"),
@@ -240,7 +240,7 @@ def test_concurrent_requests_share_a_batch_with_per_image_seeds(urls):
 
 
 def test_ddpm_run_serves_too(urls, ddpm_run):
-    from memshard.sampling import ddim_sample, load_served_unet, to_uint8
+    from memshard.models.sampling import ddim_sample, load_served_unet, to_uint8
 
     url = urls["ddpm"] + "/generate"
     status, ans = post(url, {"num_images": 3, "steps": 3, "seed": 2})
@@ -357,7 +357,8 @@ def test_slow_connections_do_not_stop_valid_requests_or_probes(urls):
 
 
 def test_admission_refuses_what_the_deadline_cannot_hold():
-    from memshard.serve import Admission, Job
+    from memshard.serving.admission import Admission
+    from memshard.serving.requests import Job
 
     limits = ServeLimits(max_images=4, max_batch_images=8, deadline_s=10.0, batch_wait_s=0.0, max_queued_images=20)
     adm = Admission(limits)
@@ -393,7 +394,8 @@ def test_a_failed_call_logs_its_request_ids_and_tells_the_client_nothing(caplog)
     import logging
     import time
 
-    from memshard.serve import Job, run_groups
+    from memshard.serving.admission import run_groups
+    from memshard.serving.requests import Job
 
     jobs = [Job(seeds=[0], steps=2, seed=0, request_id="req-a"), Job(seeds=[1], steps=2, seed=1, request_id="req-b"),
             Job(seeds=[2], steps=3, seed=2, request_id="req-late", deadline=time.monotonic() - 1)]  # fmt: skip

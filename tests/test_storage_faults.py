@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 import torch
 
-from memshard.checkpoint import RunDir
-from memshard.storage import (
+from memshard.io.rundir import RunDir
+from memshard.io.storage import (
     BACKOFF_BASE,
     BACKOFF_MAX,
     RETRY_ATTEMPTS,
@@ -106,7 +106,7 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[RestartableS3]:
 
 
 def _retry_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "memshard.storage" and "retrying" in r.getMessage()]
+    return [r for r in caplog.records if r.name == "memshard.io.storage" and "retrying" in r.getMessage()]
 
 
 def _wait_for(cond: Callable[[], bool], timeout: float) -> None:
@@ -118,7 +118,7 @@ def _wait_for(cond: Callable[[], bool], timeout: float) -> None:
 
 # ------------------------------------------------------------------ S3 outages
 def test_write_rides_out_an_s3_restart_on_the_same_port(s3, caplog):
-    caplog.set_level(logging.WARNING, logger="memshard.storage")
+    caplog.set_level(logging.WARNING, logger="memshard.io.storage")
     store = Storage(f"s3://{s3.bucket}/run", retry=RetryPolicy(attempts=80, base=0.05, max_delay=0.25))
     store.write_bytes("before.txt", b"old")
     payload = os.urandom(300_000)
@@ -152,7 +152,7 @@ def test_write_rides_out_an_s3_restart_on_the_same_port(s3, caplog):
 
 
 def test_write_fails_with_storage_error_when_s3_stays_down(s3, monkeypatch, caplog):
-    caplog.set_level(logging.WARNING, logger="memshard.storage")
+    caplog.set_level(logging.WARNING, logger="memshard.io.storage")
     monkeypatch.setenv("MEMSHARD_STORAGE_RETRIES", "3")
     monkeypatch.setenv("MEMSHARD_STORAGE_BACKOFF", "0.01")
     monkeypatch.setenv("MEMSHARD_STORAGE_BACKOFF_MAX", "0.02")
@@ -184,7 +184,7 @@ def test_write_fails_with_storage_error_when_s3_stays_down(s3, monkeypatch, capl
 
 
 def test_missing_objects_are_not_retried(s3, caplog):
-    caplog.set_level(logging.WARNING, logger="memshard.storage")
+    caplog.set_level(logging.WARNING, logger="memshard.io.storage")
     store = Storage(f"s3://{s3.bucket}/run", retry=RetryPolicy(attempts=5, base=2.0, max_delay=2.0))
     started = time.monotonic()
     with pytest.raises(FileNotFoundError) as info:
@@ -431,10 +431,10 @@ def test_a_training_run_on_s3_survives_the_server_going_away_mid_run(ray_cluster
     The run either rides the outage out (retries) or fails cleanly and resumes; either way it
     ends with every file its manifest names present and weights equal to an undisturbed run.
     """
-    from memshard.chaos import same_weights
     from memshard.config import load_config
     from memshard.data import prepare
-    from memshard.driver import train
+    from memshard.runtime.driver import train
+    from memshard.testing.chaos import same_weights
     from tests.conftest import TINY
 
     cfg0 = load_config("demo")

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from memshard.checkpoint import RunDir
 from memshard.config import load_config
 from memshard.data import prepare
-from memshard.driver import train
-from memshard.storage import S3Access, Storage, access_installed, s3_options
+from memshard.io.rundir import RunDir
+from memshard.io.storage import S3Access, Storage, access_installed, s3_options
+from memshard.runtime.driver import train
 from tests.conftest import TINY
 
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MEMSHARD_S3_ENDPOINT_URL")

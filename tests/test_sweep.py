@@ -11,7 +11,8 @@ import yaml
 from PIL import Image
 
 from memshard.config import ConfigError, load_config, parse_search_space
-from memshard.driver import RunError
+from memshard.runtime.driver import RunError
+from memshard.runtime.tensorboard import read_scalars
 from memshard.sweep import (
     PARETO_PNG,
     RESULTS_CSV,
@@ -26,7 +27,6 @@ from memshard.sweep import (
     trial_config,
     trial_resources,
 )
-from memshard.tensorboard import read_scalars
 from tests.conftest import TINY
 
 # --------------------------------------------------------------------------- search spaces (no Ray)
@@ -186,7 +186,7 @@ def test_pareto():
 def test_shard_bundles_must_fit(ray_cluster):
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from memshard.driver import shard_bundles
+    from memshard.runtime.driver import shard_bundles
 
     pg = placement_group([{"CPU": 0.01}, {"CPU": 0.1}, {"CPU": 0.1}])
     try:

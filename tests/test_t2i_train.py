@@ -11,8 +11,8 @@ import torch
 
 from memshard.config import ConfigError, load_config
 from memshard.data import DataError
-from memshard.proxy import Proxy, ShardData
-from memshard.text import TextCond
+from memshard.iet.proxy import Proxy, ShardData
+from memshard.models.text import TextCond
 from tests.conftest import TINY
 from tests.t2i_data import write_captioned_parquet
 
@@ -33,7 +33,7 @@ def t2i_config(data: str, extra: dict | None = None) -> dict:
 
 @pytest.fixture(scope="module")
 def t2i_run(ray_cluster, tmp_path_factory):
-    from memshard.driver import train
+    from memshard.runtime.driver import train
 
     root = tmp_path_factory.mktemp("t2i")
     data = write_captioned_parquet(str(root / "shapes.parquet"), 24)
@@ -44,8 +44,8 @@ def t2i_run(ray_cluster, tmp_path_factory):
 
 
 def test_caption_cache_built_once_and_reused(t2i_run, ray_cluster):
-    from memshard.conditioning import build_caches, load_text
-    from memshard.text import load_text_encoder
+    from memshard.data.conditioning import build_caches, load_text
+    from memshard.models.text import load_text_encoder
 
     _root, data, out = t2i_run
     caches = out.manifest["caches"]
@@ -54,7 +54,7 @@ def test_caption_cache_built_once_and_reused(t2i_run, ray_cluster):
     meta_path = os.path.join(caches["text"], "cache.json")
     before = os.stat(meta_path).st_mtime_ns
     cfg = load_config(t2i_config(data), [o for o in TINY if not o.startswith("data.limit")])
-    again = build_caches(cfg, data, np.arange(24), use_ray=True)
+    again = build_caches(cfg, data, np.arange(24), in_process=False)
     assert again.text == caches["text"]
     assert os.stat(meta_path).st_mtime_ns == before  # reused, not recomputed
     # the cached states are the encoder's output for those captions (float16-rounded)
@@ -69,7 +69,7 @@ def test_caption_cache_built_once_and_reused(t2i_run, ray_cluster):
 
 
 def test_served_t2i_pipeline_loads_and_samples(t2i_run):
-    from memshard.pipeline import MemshardTextToImagePipeline
+    from memshard.prss.pipeline import MemshardTextToImagePipeline
 
     _, _, out = t2i_run
     served = os.path.join(out.run_uri, "served")
@@ -109,7 +109,7 @@ def test_text_model_needs_a_caption_column(ray_cluster, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from memshard.driver import train
+    from memshard.runtime.driver import train
 
     path = write_captioned_parquet(str(tmp_path / "c.parquet"), 8)
     table = pq.read_table(path).drop(["caption"])
@@ -132,8 +132,8 @@ def test_sd_pipeline_fine_tune_serves_a_stable_diffusion_pipeline(ray_cluster, t
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from memshard.driver import train
-    from memshard.tiny_pipeline import write_tiny_sd_pipeline
+    from memshard.runtime.driver import train
+    from memshard.testing.tiny_pipeline import write_tiny_sd_pipeline
 
     sd = write_tiny_sd_pipeline(str(tmp_path / "tinysd"), image_size=32)
     data = write_captioned_parquet(str(tmp_path / "shapes32.parquet"), 12, size=32)
@@ -230,7 +230,7 @@ def test_sample_cli_refuses_bad_prompts(t2i_run, tmp_path, capsys):
 
 
 def test_baseline_mitigations_run_through_the_pipeline(t2i_run):
-    from memshard.pipeline import load_served_t2i
+    from memshard.prss.pipeline import load_served_t2i
 
     _, _, out = t2i_run
     pipe = load_served_t2i(os.path.join(out.run_uri, "served"))
@@ -244,7 +244,7 @@ def test_baseline_mitigations_run_through_the_pipeline(t2i_run):
 
 def test_calibrate_prss_sets_the_thresholds_sample_uses(t2i_run, tmp_path):
     from memshard.cli import main
-    from memshard.privacy import level, load_calibration
+    from memshard.prss.calibration import level, load_calibration
 
     _, _, out = t2i_run
     run = out.run_uri
@@ -265,7 +265,7 @@ def test_calibrate_prss_sets_the_thresholds_sample_uses(t2i_run, tmp_path):
 
 
 def test_bad_pipeline_or_encoder_is_refused_before_the_run_dir(ray_cluster, tmp_path):
-    from memshard.driver import RunError, train
+    from memshard.runtime.driver import RunError, train
 
     data = write_captioned_parquet(str(tmp_path / "c.parquet"), 8)
     over = [o for o in TINY if not o.startswith("data.limit")]

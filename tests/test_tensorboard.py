@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from memshard.config import load_config
-from memshard.driver import train
-from memshard.storage import Storage
-from memshard.tensorboard import RoundLogger, read_scalars, round_scalars
+from memshard.io.storage import Storage
+from memshard.runtime.driver import train
+from memshard.runtime.tensorboard import RoundLogger, read_scalars, round_scalars
 from tests.conftest import TINY
 
 

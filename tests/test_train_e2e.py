@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memshard.checkpoint import RunDir
 from memshard.config import load_config
-from memshard.driver import RunError, train
+from memshard.io.rundir import RunDir
+from memshard.runtime.driver import RunError, train
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.ray
@@ -125,7 +125,7 @@ def test_existing_run_dir_is_refused_and_resume_checks_config(straight_run):
 
 
 def test_report_of_a_run_without_migrations_draws_no_migration_plot(straight_run):
-    from memshard.report import report
+    from memshard.evaluation.report import report
 
     out, _ = straight_run
     _, written = report(out)

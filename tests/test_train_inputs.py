@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from memshard.checkpoint import RunDir
 from memshard.config import load_config
 from memshard.data import DataError
-from memshard.driver import train
+from memshard.io.rundir import RunDir
+from memshard.runtime.driver import train
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.ray

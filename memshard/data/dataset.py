@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from memshard.data.images import BadImage, decode_image
-from memshard.storage import filesystem, is_remote
+from memshard.io.storage import filesystem, is_remote
 
 _MAX_NAMED = 10
 

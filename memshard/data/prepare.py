@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from memshard.data.dataset import DataError
 from memshard.data.images import encode_png
-from memshard.storage import Storage, filesystem, is_remote
+from memshard.io.storage import Storage, filesystem, is_remote
 
 BUILTIN_SOURCES = ("digits", "fashion-mnist", "emoji")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")

@@ -1,0 +1,1 @@
+"""The measurements: memorization, copy similarity, FID, alignment; evaluate, compare, frontier, report."""

@@ -1,0 +1,1 @@
+"""The served checkpoint behind an HTTP endpoint (Ray Serve)."""
