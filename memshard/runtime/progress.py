@@ -6,6 +6,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typing_extensions import Self
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -31,27 +32,15 @@ def summary_line(s: dict[str, Any], rounds: int | None = None) -> str:
     return line
 
 
-class RoundProgress:
-    """A rich progress bar over the optimizer steps of all shards in the current round."""
+class _Bar:
+    """A transient rich progress bar drawn only on a terminal (logs, CI and pipes get none)."""
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled and console.is_terminal
-        self._progress = (
-            Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                console=console,
-                transient=True,
-            )
-            if self.enabled
-            else None
-        )
-        self._task: Any = None
-        self._rounds: int | None = None
+    def __init__(self, enabled: bool, label: str, out: Console | None = None) -> None:
+        out = out or console
+        columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self._progress = Progress(*columns, console=out, transient=True) if enabled and out.is_terminal else None
 
-    def __enter__(self) -> RoundProgress:
+    def __enter__(self) -> Self:
         if self._progress is not None:
             self._progress.__enter__()
         return self
@@ -59,6 +48,20 @@ class RoundProgress:
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
+
+    @property
+    def drawn(self) -> bool:
+        return self._progress is not None
+
+
+class RoundProgress(_Bar):
+    """A rich progress bar over the optimizer steps of all shards in the current round."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        super().__init__(enabled, "[bold]{task.description}")
+        self.enabled = self.drawn
+        self._task: Any = None
+        self._rounds: int | None = None
 
     def start_round(self, r: int, rounds: int, total_steps: int) -> None:
         self._rounds = rounds
@@ -75,7 +78,7 @@ class RoundProgress:
         console.print(summary_line(summary, self._rounds))
 
 
-class Stage:
+class Stage(_Bar):
     """A progress bar over one stage of long work (generation, features), drawn on a terminal only.
 
     ``advance(n)`` as parts finish; off a terminal (logs, CI, pipes) it prints nothing beyond the
@@ -83,24 +86,9 @@ class Stage:
     """
 
     def __init__(self, description: str, total: int, out: Console | None = None) -> None:
-        out = out or console
-        columns = (TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        self._progress = Progress(*columns, console=out, transient=True) if out.is_terminal else None
+        super().__init__(True, "  {task.description}", out)
         self._task = self._progress.add_task(description, total=total) if self._progress is not None else None
-
-    def __enter__(self) -> Stage:
-        if self._progress is not None:
-            self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
 
     def advance(self, n: int = 1) -> None:
         if self._progress is not None:
             self._progress.advance(self._task, n)
-
-    @property
-    def drawn(self) -> bool:
-        return self._progress is not None
