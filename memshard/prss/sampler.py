@@ -39,13 +39,13 @@ With no candidate at all, ess = ep: re-anchoring then only weakens the guidance 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from diffusers import DDIMScheduler
 
-from memshard.config import reanchoring_problem
+from memshard.config import PRSSConfig, reanchoring_problem
 from memshard.models.text import TextCond
 from memshard.prss.candidates import CandidateProvider
 from memshard.prss.reanchor import cfg_eps, magnitude, reanchor_scale, reanchored_eps
@@ -57,21 +57,26 @@ Candidates = Sequence[Sequence[str]] | CandidateProvider
 MODES = ("prss", "pr", "ss")
 
 
+_DEFAULTS = PRSSConfig()  # the spec's defaults live in the config alone
+
+
 @dataclass(frozen=True)
 class PRSSOptions:
-    """Sampling options, mirroring ``memshard.config.PRSSConfig`` (same names and defaults).
+    """The sampler's options: the sampling part of ``memshard.config.PRSSConfig`` (same names, its defaults).
 
-    ``num_candidates`` caps the candidates scored per triggered prompt, whether they come from
-    a provider or an explicit list (the config's meaning: the size of the search).
+    A plain frozen dataclass rather than the pydantic model, so that the sampler's hot path and its
+    callers (pipelines, calibration, the baselines) carry no config machinery; candidates and the
+    prompt bank are arguments of :func:`sample`, not options. ``num_candidates`` caps the candidates
+    scored per triggered prompt, whether they come from a provider or an explicit list.
     """
 
-    enabled: bool = True
-    mode: str = "prss"
-    guidance_scale: float = 7.5
-    lambda_ss: float = 1.0
-    lambda_pr: float = 3.0
-    tau: float = 5.0
-    num_candidates: int = 25
+    enabled: bool = _DEFAULTS.enabled
+    mode: str = _DEFAULTS.mode
+    guidance_scale: float = _DEFAULTS.guidance_scale
+    lambda_ss: float = _DEFAULTS.lambda_ss
+    lambda_pr: float = _DEFAULTS.lambda_pr
+    tau: float = _DEFAULTS.tau
+    num_candidates: int = _DEFAULTS.num_candidates
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -87,8 +92,7 @@ class PRSSOptions:
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> PRSSOptions:
         """From a ``PRSSConfig`` (or anything with the same attributes), then ``overrides``."""
-        names = ("enabled", "mode", "guidance_scale", "lambda_ss", "lambda_pr", "tau", "num_candidates")
-        values = {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
+        values = {f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}
         values.update(overrides)
         return cls(**values)
 
