@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from memshard import skip
 from memshard.config import load_config
+from memshard.iet import agc as skip
 from memshard.iet.proxy import NonFiniteLossError, Proxy, ShardData, batch_order, warmup_for
 from memshard.runtime.coordinator import round_summary
 from memshard.runtime.progress import summary_line

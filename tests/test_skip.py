@@ -2,7 +2,7 @@
 
 import torch
 
-from memshard import skip
+from memshard.iet import agc as skip
 
 
 def test_keep_rule_is_loss_times_ratio_against_bank():

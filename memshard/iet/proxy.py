@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from memshard import augment, skip
 from memshard.config import MemshardConfig, TAAConfig
+from memshard.iet import agc
+from memshard.iet import taa as augmentation
 from memshard.iet.compiled import CompiledModel
 from memshard.iet.schedule import extrapolates, keeps_own_weights
 from memshard.models.text import TextCond
@@ -408,9 +409,9 @@ class Proxy:
             noise = torch.randn(x0.shape, generator=gen, device=self.device)
             if taa is not None and taa.mode == "inline":
                 s_prev = last_strength[idx]
-                x0 = augment.augment(
+                x0 = augmentation.augment(
                     x0,
-                    augment.magnitudes(s_prev, taa.max_magnitude, taa.per_sample),
+                    augmentation.magnitudes(s_prev, taa.max_magnitude, taa.per_sample),
                     aug_gen,
                     taa.num_ops,
                     clamp=not data.latent,
@@ -433,7 +434,7 @@ class Proxy:
             if taa is not None:
                 if taa.mode == "inline":
                     augmented.index_add_(0, idx, ((s_prev > 0) & ok).to(torch.int64))
-                s_new = augment.strength(per, bank_before, t, cfg.agc.ratio, taa.alpha)
+                s_new = augmentation.strength(per, bank_before, t, cfg.agc.ratio, taa.alpha)
                 kept = keep & ok
                 k_idx, k_s = idx[kept], s_new[kept]
                 strength_sum.index_add_(0, k_idx, k_s.double())
@@ -629,29 +630,29 @@ class Proxy:
         bank_before = self.bank
         if cfg.agc.enabled and cfg.agc.decide_before_backward:
             with torch.no_grad():
-                per = skip.per_sample_loss(self._forward(xt, t, cond), target)
+                per = agc.per_sample_loss(self._forward(xt, t, cond), target)
             ok = torch.isfinite(per).all()
-            keep = skip.keep_mask(per, self.bank, t, cfg.agc.ratio)
+            keep = agc.keep_mask(per, self.bank, t, cfg.agc.ratio)
             loss = None
             if bool(keep.any() & ok):  # this mode reads the mask anyway; a skipped batch needs no second forward
                 sel = keep.nonzero().squeeze(1)
-                loss = skip.per_sample_loss(self._forward(xt[sel], t[sel], select(cond, sel)), target[sel]).mean()
+                loss = agc.per_sample_loss(self._forward(xt[sel], t[sel], select(cond, sel)), target[sel]).mean()
         else:
-            per_g = skip.per_sample_loss(self._forward(xt, t, cond), target)
+            per_g = agc.per_sample_loss(self._forward(xt, t, cond), target)
             per = per_g.detach()
             keep = (
-                skip.keep_mask(per, self.bank, t, cfg.agc.ratio)
+                agc.keep_mask(per, self.bank, t, cfg.agc.ratio)
                 if cfg.agc.enabled
                 else torch.ones_like(per, dtype=torch.bool)
             )
-            loss = skip.masked_loss(per_g, keep)
+            loss = agc.masked_loss(per_g, keep)
             ok = torch.isfinite(per).all()
-        ratio = skip.loss_ratio(per, self.bank, t)
+        ratio = agc.loss_ratio(per, self.bank, t)
         self._optimizer_step(loss, lr, ok)
         # The bank sees every sample, skipped or not, after the mask was taken. It is kept
         # even with AGC off, so a baseline run records the same loss-ratio statistics. A
         # non-finite batch leaves it untouched: one NaN in m[t] would skip timestep t forever.
-        self.bank = torch.where(ok, skip.update_bank(self.bank, per, t, cfg.agc.bank_decay), self.bank)
+        self.bank = torch.where(ok, agc.update_bank(self.bank, per, t, cfg.agc.bank_decay), self.bank)
         return per, keep, ratio, bank_before, ok
 
     def _augmented_step(
@@ -670,9 +671,9 @@ class Proxy:
         ago, and feeding augmented losses into the bank would bias the skip threshold. Returns
         which per-sample losses were finite; if any was not, the step was skipped.
         """
-        x0 = augment.augment(
+        x0 = augmentation.augment(
             data.x0(idx),
-            augment.magnitudes(strengths, taa.max_magnitude, taa.per_sample),
+            augmentation.magnitudes(strengths, taa.max_magnitude, taa.per_sample),
             aug_gen,
             taa.num_ops,
             clamp=not data.latent,
@@ -682,7 +683,7 @@ class Proxy:
         noise = torch.randn(x0.shape, generator=gen, device=self.device)
         xt, target = self._targets(x0, noise, t)
         self.optimizer.zero_grad(set_to_none=True)
-        per = skip.per_sample_loss(self._forward(xt, t, cond), target)
+        per = agc.per_sample_loss(self._forward(xt, t, cond), target)
         finite = torch.isfinite(per.detach())
         self._optimizer_step(per.mean(), self.lr_at(self.step, warmup), finite.all())
         return finite
