@@ -159,7 +159,7 @@ def interrupted_message(args: argparse.Namespace, out: str | None) -> str:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    sys.stdout.write(_config(args).to_yaml())
+    sys.stdout.write(_config(args).to_yaml(describe=args.describe))
     return 0
 
 
@@ -520,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     csub = c.add_subparsers(dest="config_command", required=True)
     show = csub.add_parser("show", help="print the fully resolved config")
     add_config_args(show)
+    show.add_argument("--describe", action="store_true", help="each key's description as a comment beside it")
     show.set_defaults(func=cmd_config_show)
     csub.add_parser("presets", help="list built-in presets").set_defaults(func=cmd_config_presets)
 

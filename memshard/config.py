@@ -603,8 +603,27 @@ class MemshardConfig(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, describe: bool = False) -> str:
+        """The resolved config as YAML; ``describe`` puts each key's description beside it as a comment."""
+        if not describe:
+            return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return "\n".join(_described(type(self), self.to_dict(), 0)) + "\n"
+
+
+def _described(model: type[BaseModel], values: dict[str, Any], depth: int) -> list[str]:
+    """YAML lines of ``values`` (a dump of ``model``), each key followed by its field's description."""
+    lines, pad = [], "  " * depth
+    for key, value in values.items():
+        field = model.model_fields.get(key)
+        note = f"  # {' '.join(field.description.split())}" if field is not None and field.description else ""
+        sub = field.annotation if field is not None else None
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel) and value:
+            lines.append(f"{pad}{key}:{note}")
+            lines += _described(sub, value, depth + 1)
+        else:
+            flow = yaml.safe_dump([value], default_flow_style=True, width=10**6).strip()[1:-1]
+            lines.append(f"{pad}{key}: {flow}{note}")
+    return lines
 
 
 # The switches each ``method`` sets (spec: baseline = plain training, one model, nothing skipped;

@@ -221,3 +221,15 @@ def test_prepare_says_how_many_images_it_enlarged_or_cropped(tmp_path, capsys):
     assert "1 image(s) were smaller than 16x16 and were enlarged" in out and "1 image(s) were not square" in out
     assert main(["prepare", str(folder), "--out", str(tmp_path / "e.parquet"), "--size", "8"]) == 0
     assert "enlarged" not in capsys.readouterr().out
+
+
+def test_config_show_describe_comments_every_documented_key(capsys):
+    import yaml
+
+    from memshard.config import load_config
+
+    assert main(["config", "show", "iet-agc-plus", "--describe"]) == 0
+    text = capsys.readouterr().out
+    assert yaml.safe_load(text) == load_config("iet-agc-plus").to_dict()  # the comments change no value
+    ratio = next(line for line in text.splitlines() if line.strip().startswith("ratio:"))
+    assert "  # r: keep sample j iff" in ratio
