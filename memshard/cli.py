@@ -134,6 +134,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         train(cfg, out=out, resume=args.resume)
     except KeyboardInterrupt:
+        import ray
+
+        if ray.is_initialized():  # stop Ray's log forwarding first: its "task failed ... retried" lines are noise here
+            ray.shutdown()
         print(interrupted_message(args, out), file=sys.stderr)
         return 130
     return 0

@@ -7,6 +7,7 @@ reports sane numbers (at this size they mean nothing).
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,7 +15,12 @@ from tests.conftest import load_job
 
 
 def _job():
-    return load_job("bench_throughput")
+    """The entry point's main and every part's functions, in one namespace (jobs/throughput/*)."""
+    entry = load_job("bench_throughput")  # also puts the checkout on sys.path
+    from jobs.throughput import aggregation, analysis, sizes, steps
+
+    parts = {k: v for m in (sizes, analysis, steps, aggregation) for k, v in vars(m).items() if not k.startswith("__")}
+    return SimpleNamespace(**parts, main=entry.main)
 
 
 def test_overhead_is_computed_from_the_medians():

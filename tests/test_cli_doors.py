@@ -162,6 +162,7 @@ def test_ctrl_c_during_training_says_what_was_kept_and_how_to_resume(tmp_path):
     kept = json.loads((out / "run.json").read_text())["rounds_completed"]
     assert f"interrupted after round {kept}; rounds 1..{kept} kept in {out}" in err
     assert f"--out {out} --resume" in err and "KeyboardInterrupt" not in err and "Traceback" not in err
+    assert "will be retried" not in err and err.rstrip().endswith("--resume")  # the last thing said is how to go on
 
 
 def test_a_failed_copy_calibration_is_said_next_to_the_figure():
