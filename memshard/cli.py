@@ -96,29 +96,30 @@ def preset_summary(name: str) -> str:
 
 
 def writable(path: str, *, directory: bool = False, flag: str = "--out") -> str:
-    """``path`` once its folder exists (created if missing); a clear error naming ``flag`` if it cannot be written.
+    """``path`` if it can be written (as a file, or a folder with ``directory``), else a clear error naming ``flag``.
 
-    Checked before any work, so that an hour of sampling does not end in a traceback. Remote
-    (``s3://``) paths are left to the storage layer.
+    Checked before any work, so that an hour of sampling does not end in a traceback; nothing is
+    created here (a command refused later leaves nothing behind): missing folders are made when
+    the output is written. Remote (``s3://``) paths are left to the storage layer.
     """
     if "://" in path:
         return path
-    folder = path if directory else os.path.dirname(os.path.abspath(path))
-    try:
-        if directory and os.path.exists(path) and not os.path.isdir(path):
-            raise NotADirectoryError(20, "it is a file, not a directory", path)
-        if not directory and os.path.isdir(path):
-            raise IsADirectoryError(21, "it is a directory", path)
-        os.makedirs(folder, exist_ok=True)
-        if not os.access(folder, os.W_OK):
-            raise PermissionError(13, "permission denied", folder)
-    except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename and exc.filename != path else ""
-        if isinstance(exc, FileExistsError) or (isinstance(exc, NotADirectoryError) and exc.filename != path):
-            reason = "a file stands where a folder of it should be"
-        else:
-            reason = exc.strerror or str(exc)
-        raise ConfigError(f"cannot write {path}: {reason}{where}; choose another {flag}") from None
+    full = os.path.abspath(os.path.expanduser(path))
+    reason, where = None, None
+    if directory and os.path.exists(full) and not os.path.isdir(full):
+        reason = "it is a file, not a directory"
+    elif not directory and os.path.isdir(full):
+        reason = "it is a directory"
+    else:
+        ancestor = full if directory else os.path.dirname(full)
+        while not os.path.exists(ancestor):  # the nearest part of the path that exists decides
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor):
+            reason, where = "a file stands where a folder of it should be", ancestor
+        elif not os.access(ancestor, os.W_OK | os.X_OK):
+            reason, where = "permission denied", ancestor
+    if reason is not None:
+        raise ConfigError(f"cannot write {path}: {reason}{f' ({where})' if where else ''}; choose another {flag}")
     return path
 
 
@@ -371,6 +372,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             labels = torch.arange(args.num) % unet.config.num_class_embeds
     device = "cuda" if torch.cuda.is_available() else "cpu"
     images = ddim_sample(unet, sched, args.num, steps=args.steps, seed=args.seed, class_labels=labels, device=device)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     grid(to_uint8(images), scale=args.scale).save(out)
     print(
         f"wrote {args.num} samples ({args.steps} DDIM steps, {args.weights} weights, round {info.get('round')}) "
@@ -459,11 +461,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     tab, written = report(args.run)
     # Rich lays a table out to the terminal's width (80 columns when piped) and cuts values with
     # "...": a report is read for its numbers, so it gets the width it needs.
-    need = console.measure(tab).maximum
-    if console.width < need:
-        from rich.console import Console
+    from rich.console import Console
 
-        Console(width=need).print(tab)
+    need = Console(width=100_000).measure(tab).maximum  # measured unconstrained: console.measure caps at its width
+    if console.width < need:
+        Console(width=need, highlight=False).print(tab)
     else:
         console.print(tab)
     for path in written:

@@ -599,6 +599,8 @@ def _write(table: pa.Table, out: str) -> None:
         parent, name = os.path.split(os.path.abspath(os.path.expanduser(local)))
     if not name:
         raise ValueError(f"output {out!r} has no file name")
+    if not is_remote(out):
+        os.makedirs(parent, exist_ok=True)  # a missing folder is made at write time, once the data is good
     Storage(parent).write_bytes(name, buf.getvalue())
 
 
