@@ -239,3 +239,11 @@ def test_config_show_describe_comments_every_documented_key(capsys):
     assert yaml.safe_load(text) == load_config("iet-agc-plus").to_dict()  # the comments change no value
     ratio = next(line for line in text.splitlines() if line.strip().startswith("ratio:"))
     assert "  # r: keep sample j iff" in ratio
+
+
+def test_an_evaluation_says_its_cost_before_it_starts():
+    from memshard.evaluation.evaluate import EvalOptions, plan_line
+
+    line = plan_line(EvalOptions(num=16, steps=5, fid_num=8), rounds=3, stored=2)
+    assert "3 checkpoint(s) x 16 samples x 5 DDIM steps = 240 UNet evaluations" in line
+    assert "features of 24 generations" in line and "2 round(s) already evaluated" in line and "cached" in line

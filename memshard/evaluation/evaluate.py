@@ -579,6 +579,22 @@ def _committed(run_uri: str) -> tuple[RunDir, dict[str, Any]]:
     return run, manifest
 
 
+def plan_line(opts: EvalOptions, rounds: int = 1, stored: int = 0) -> str:
+    """What an evaluation will cost, said before it starts (work, not seconds: machines differ by 100x).
+
+    The generation is the bulk on a GPU (UNet evaluations); on a CPU the Inception features are, so
+    both are counted. The training set's features and the copy threshold are computed once per
+    training set and extractor and cached, so only a first evaluation pays for them.
+    """
+    unet = opts.num * opts.steps * rounds
+    line = (
+        f"plan: {rounds} checkpoint(s) x {opts.num} samples x {opts.steps} DDIM steps = {unet:,} UNet evaluations, "
+        f"features of {opts.feature_count() * rounds:,} generations; the training set's features and copy threshold "
+        "are cached per training set (computed on a first evaluation only)"
+    )
+    return line + (f"; {stored} round(s) already evaluated with these settings are reused" if stored else "")
+
+
 def evaluate(run_uri: str, opts: EvalOptions, ref: Reference | None = None) -> dict[str, Any]:
     """Evaluate the served model (or round ``opts.round``) into RUN/eval/NAME/."""
     run, manifest = _committed(run_uri)
@@ -586,6 +602,7 @@ def evaluate(run_uri: str, opts: EvalOptions, ref: Reference | None = None) -> d
         raise FileNotFoundError(
             f"{run_uri}: round {opts.round} is not committed (rounds 1..{manifest['rounds_completed']})"
         )
+    console.print(plan_line(opts))
     ref = ref or prepare_reference(run, manifest, opts)
     console.print(f"generating {opts.num} samples ({opts.steps} DDIM steps) and measuring them")
     return evaluate_weights(run_uri, manifest, opts, ref, opts.round, f"eval/{opts.name}")
@@ -669,6 +686,7 @@ def evaluate_rounds(
         else:
             todo.append(r)
     if todo:
+        console.print(plan_line(opts, len(todo), len(out)))
         slot = ref if isinstance(ref, ReferenceSlot) else ReferenceSlot(ref)
         if slot.ref is None:
             slot.ref = prepare_reference(run, manifest, opts)
