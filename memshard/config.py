@@ -255,6 +255,16 @@ class MSRConfig(_Section):
         0.2, ge=0, description="Shard sizes stay within mean*(1 +- tol), or no worse than they were, for every policy."
     )
     min_skips: int = Field(1, ge=1, description="A sample is a candidate once skipped this often since it last moved.")
+    count: Literal["skipped", "shard"] = Field(
+        "skipped",
+        description="How many move per shard: skipped = ceil(p x the shard's candidates) (memshard); shard = "
+        "int(p x the shard's size), ranked by skip count even when few were skipped (the authors' exchange_data).",
+    )
+    reset: Literal["movers", "all"] = Field(
+        "movers",
+        description="Whose skip counters restart at a migration: movers (the spec: a sample's count restarts when "
+        "it moves) or all (the authors' exchange_data zeroes every counter at each exchange).",
+    )
 
     @model_validator(mode="after")
     def _schedule(self) -> MSRConfig:

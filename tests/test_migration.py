@@ -137,3 +137,40 @@ def test_schedule_and_ledger():
     assert np.array_equal(back.by_shard, ledger.by_shard) and np.array_equal(back.since_move, ledger.since_move)
     with pytest.raises(ValueError, match="not in the run"):
         ledger.add_round(np.array([4]), np.array([0]), np.array([1]))
+
+
+def test_count_shard_is_the_authors_rule_and_moves_even_unskipped_samples():
+    # two shards of 8; in shard 0 only id 3 was skipped (twice), in shard 1 ids 9 and 12
+    ids = np.arange(16, dtype=np.int64)
+    shards = np.repeat([0, 1], 8)
+    skips = np.zeros(16, np.int64)
+    skips[3], skips[9], skips[12] = 2, 1, 3
+    ratio = np.linspace(0.9, 0.1, 16)  # lower ratio ranks first among equal skip counts
+    common = dict(fraction=0.25, policy="ring", seed=0, size_tolerance=1.0)
+    _, ours = plan_migrations(ids, shards, skips, ratio, 2, **common)
+    # skipped: ceil(0.25 x candidates) = ceil(0.25) = 1 from shard 0 (id 3), ceil(0.5) = 1 from shard 1 (id 12)
+    assert ours.ids.tolist() == [3, 12]
+    _, theirs = plan_migrations(ids, shards, skips, ratio, 2, count="shard", **common)
+    # shard: int(0.25 x 8) = 2 per shard, by skips then ratio: shard 0 -> 3, then 7 (lowest ratio, 0 skips);
+    # shard 1 -> 12, 9
+    assert theirs.ids.tolist() == [3, 7, 12, 9] and theirs.skips.tolist() == [2, 0, 3, 1]
+    with pytest.raises(ValueError, match="unknown migration count"):
+        plan_migrations(ids, shards, skips, ratio, 2, count="all", **common)
+
+
+def test_reset_all_zeroes_every_counter_movers_only_the_movers():
+    from memshard.config import load_config
+    from memshard.runtime.coordinator import migrate
+
+    ids = np.arange(8, dtype=np.int64)
+    shards = np.repeat([0, 1], 4)
+    stats = {"id": ids, "mean_ratio": np.linspace(0.2, 0.9, 8)}
+    for reset, kept in (("movers", True), ("all", False)):
+        msr = load_config("iet-agc-plus", [f"msr.reset={reset}", "msr.size_tolerance=1.0"]).msr
+        ledger = SkipLedger(ids, 2)
+        ledger.add_round(ids, shards, np.array([3, 0, 1, 0, 2, 0, 0, 1]))
+        _, plan = migrate(ledger, ids, shards, stats, msr, 2, seed=0)
+        assert len(plan) and (ledger.since_move[np.searchsorted(ids, plan.ids)] == 0).all()
+        others = np.setdiff1d(ids, plan.ids)
+        assert bool(ledger.since_move[others].any()) is kept  # id 2 or 7 (skipped, not moved) keeps its count
+        assert ledger.by_shard.sum() == 7  # the per-shard history is never reset

@@ -12,7 +12,9 @@ no Ray, no I/O, so its guarantees are unit-tested directly:
   in particular no shard is ever emptied;
 * choice: in each shard the candidates (skipped at least ``min_skips`` times since they last
   moved) are ranked by skip count, ties by lower mean loss ratio, then by id; the top
-  ``ceil(fraction * candidates)`` move;
+  ``ceil(fraction * candidates)`` move (``count="skipped"``). ``count="shard"`` is the authors'
+  rule: every sample of the shard is ranked the same way and the top ``int(fraction * size)``
+  move, even when fewer were skipped;
 * determinism: the plan depends only on its inputs and the seed.
 
 Destinations: ``ring`` sends shard k's movers to k+1; ``random_ring`` draws a new ring (a
@@ -85,6 +87,7 @@ def plan_migrations(
     size_tolerance: float,
     min_skips: int = 1,
     shard_skips: np.ndarray | None = None,
+    count: str = "skipped",
 ) -> tuple[np.ndarray, MigrationPlan]:
     """Plan one migration. Returns (new shard per id, the plan).
 
@@ -103,6 +106,8 @@ def plan_migrations(
         raise ValueError(f"shard indices must lie in [0, {num_shards})")
     if policy not in ("ring", "random_ring", "balanced"):
         raise ValueError(f"unknown migration policy {policy!r}")
+    if count not in ("skipped", "shard"):
+        raise ValueError(f"unknown migration count {count!r} (skipped | shard)")
     if policy == "balanced" and (shard_skips is None or np.shape(shard_skips) != (n, num_shards)):
         raise ValueError("the balanced policy needs shard_skips of shape (N, num_shards)")
     rng = np.random.default_rng(seed)
@@ -123,8 +128,12 @@ def plan_migrations(
     order = np.lexsort((ids, sort_ratio, -skip_counts))  # last key is primary
     movers: list[tuple[int, int]] = []  # (position in arrays, rank in its shard)
     for k in range(num_shards):
-        in_k = order[(shards[order] == k) & (skip_counts[order] >= min_skips)]
-        take = math.ceil(fraction * len(in_k)) if len(in_k) else 0
+        if count == "shard":
+            in_k = order[shards[order] == k]
+            take = int(fraction * len(in_k))
+        else:
+            in_k = order[(shards[order] == k) & (skip_counts[order] >= min_skips)]
+            take = math.ceil(fraction * len(in_k)) if len(in_k) else 0
         movers.extend((int(j), r) for r, j in enumerate(in_k[:take]))
     if not movers:
         return new, empty

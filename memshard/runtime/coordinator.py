@@ -77,7 +77,7 @@ def migrate(
     num_shards: int,
     seed: int,
 ) -> tuple[np.ndarray, MigrationPlan]:
-    """One MSR step over a round's statistics: plan, then reset the movers' counters (Ray-free)."""
+    """One MSR step over a round's statistics: plan, then reset the counters ``msr.reset`` names (Ray-free)."""
     pos = np.searchsorted(stats["id"], ids)
     ratio = np.asarray(stats["mean_ratio"], dtype=np.float64)[pos]
     since = ledger.since_move[np.searchsorted(ledger.ids, ids)]
@@ -94,8 +94,9 @@ def migrate(
         size_tolerance=msr.size_tolerance,
         min_skips=msr.min_skips,
         shard_skips=by_shard,
+        count=msr.count,
     )
-    ledger.reset(plan.ids)
+    ledger.reset(ledger.ids if msr.reset == "all" else plan.ids)
     return new, plan
 
 
