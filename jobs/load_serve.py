@@ -83,7 +83,6 @@ class Size:
     overload_steps: int  # steps of the overload requests (max_images images each)
     deadline_s: float  # the servers' end-to-end deadline (short, so that overload is cheap to reach)
     body_timeout_s: float
-    train_limit: int = 64  # training rows of the tiny runs (one round of 2 steps: a served model, not a good one)
 
 
 SIZES = {
@@ -362,7 +361,7 @@ def _post(body: bytes | str, content_type: str | None = "application/json", **kw
     return lambda prefix, host: raw_request("POST", prefix + "/generate", host, data, content_type, **kw)
 
 
-def abuse_cases(size: Size) -> list[Case]:
+def abuse_cases() -> list[Case]:
     """Every malformed or hostile request the issue lists, and their neighbours."""
     deep = '{"prompt": ' + "[" * 30_000 + "]" * 30_000 + "}"
     ok_t2i = '{"prompt": "a red heart", "steps": 2}'
@@ -416,7 +415,7 @@ def probe(client: Client, path: str = "/health/ready") -> tuple[int, float]:
 
 def run_abuse(urls: dict[str, str], size: Size) -> list[dict[str, Any]]:
     out = []
-    for case in abuse_cases(size):
+    for case in abuse_cases():
         parts = urlsplit(urls[case.kind])
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         t0 = time.perf_counter()

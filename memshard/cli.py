@@ -128,10 +128,10 @@ def _config(args: argparse.Namespace) -> MemshardConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from memshard.runtime.driver import default_run_dir, train
+    from memshard.runtime.driver import resolve_run_dir, train
 
     cfg = _config(args)
-    out = args.out or cfg.storage.run_dir or (None if args.resume else default_run_dir(cfg))
+    out = resolve_run_dir(cfg, args.out, args.resume)  # decided here too, so that Ctrl-C can name it
     try:
         train(cfg, out=out, resume=args.resume)
     except KeyboardInterrupt:
@@ -612,6 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sw.set_defaults(func=cmd_sweep)
 
+    from memshard.serving.requests import ServeLimits
+
+    limits = ServeLimits()  # the flags' defaults are the server's (one place for both)
     sv = sub.add_parser("serve", help="serve RUN's model over HTTP with Ray Serve (PRSS on for text-to-image)")
     sv.add_argument("run", help="run directory (local or s3://)")
     sv.add_argument("--host", default="127.0.0.1", help="address Serve listens on (0.0.0.0: every interface)")
@@ -626,25 +629,42 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--lambda-pr", type=POSITIVE_FLOAT, help="server floor of the re-anchoring threshold")
     sv.add_argument("--tau", type=POSITIVE_FLOAT, help="server floor of tau (must exceed --lambda-pr)")
     sv.add_argument("--allow-no-prss", action="store_true", help="let requests turn PRSS off")
-    sv.add_argument("--max-images", type=POSITIVE, default=8, help="images per request")
-    sv.add_argument("--max-steps", type=POSITIVE, default=100, help="steps a request may ask for")
-    sv.add_argument("--default-steps", type=POSITIVE, default=50, help="steps of a request that names none")
-    sv.add_argument("--max-body-bytes", type=POSITIVE, default=65536, help="request body size (413 past it)")
+    sv.add_argument("--max-images", type=POSITIVE, default=limits.max_images, help="images per request")
+    sv.add_argument("--max-steps", type=POSITIVE, default=limits.max_steps, help="steps a request may ask for")
+    sv.add_argument(
+        "--default-steps", type=POSITIVE, default=limits.default_steps, help="steps of a request that names none"
+    )
+    sv.add_argument(
+        "--max-body-bytes", type=POSITIVE, default=limits.max_body_bytes, help="request body size (413 past it)"
+    )
     sv.add_argument("--max-batch-images", type=POSITIVE, help="images per batched call (default max(16, --max-images))")
     sv.add_argument(
-        "--batch-wait-ms", type=NON_NEGATIVE_FLOAT, default=50.0, help="how long a batch waits for more requests"
+        "--batch-wait-ms",
+        type=NON_NEGATIVE_FLOAT,
+        default=limits.batch_wait_s * 1000,
+        help="how long a batch waits for more requests",
     )
     sv.add_argument(
         "--deadline-s",
         type=POSITIVE_FLOAT,
-        default=60.0,
+        default=limits.deadline_s,
         help="answer each request within this or refuse it (503 + Retry-After)",
     )
     sv.add_argument(
-        "--body-timeout-s", type=POSITIVE_FLOAT, default=10.0, help="a request body must arrive within this (408)"
+        "--body-timeout-s",
+        type=POSITIVE_FLOAT,
+        default=limits.body_timeout_s,
+        help="a request body must arrive within this (408)",
     )
-    sv.add_argument("--max-connections", type=POSITIVE, default=256, help="requests one replica holds at once")
-    sv.add_argument("--max-queued-images", type=POSITIVE, default=256, help="images admitted and not yet generated")
+    sv.add_argument(
+        "--max-connections", type=POSITIVE, default=limits.max_connections, help="requests one replica holds at once"
+    )
+    sv.add_argument(
+        "--max-queued-images",
+        type=POSITIVE,
+        default=limits.max_queued_images,
+        help="images admitted and not yet generated",
+    )
     sv.add_argument(
         "--request-timeout-s",
         type=POSITIVE_FLOAT,

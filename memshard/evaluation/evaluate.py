@@ -161,16 +161,15 @@ def generate(
     workers = max(1, min(gpus or int(res.get("CPU", 1)), math.ceil(num / batch_size)))
     opts = {"num_gpus": 1} if gpus else {"num_cpus": 1}
     per = math.ceil(num / workers)
-    refs = []
+    sizes: dict[Any, int] = {}  # each task's ref -> its image count (the bar advances by it)
     for start in range(0, num, per):
         count = min(per, num - start)
         lab = labels[start : start + count].tolist() if labels is not None else None
-        refs.append(
-            remote_call(
-                _generate_images, run_uri, weights, start, count, steps, seed, lab, batch_size, round_id, options=opts
-            )
+        ref = remote_call(
+            _generate_images, run_uri, weights, start, count, steps, seed, lab, batch_size, round_id, options=opts
         )
-    sizes = {ref: min(per, num - i * per) for i, ref in enumerate(refs)}
+        sizes[ref] = count
+    refs = list(sizes)
     with Stage(f"generation ({len(refs)} task(s))", num) as bar:
         pending = list(refs)
         while pending:  # a bar over the tasks as they finish, then the images in order

@@ -79,6 +79,11 @@ def default_run_dir(cfg: MemshardConfig) -> str:
     return os.path.join("runs", f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
 
 
+def resolve_run_dir(cfg: MemshardConfig, out: str | None, resume: bool) -> str | None:
+    """Where a run goes: ``out``, else ``storage.run_dir``, else a new runs/<name>-<time> (None: resume without one)."""
+    return out or cfg.storage.run_dir or (None if resume else default_run_dir(cfg))
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -254,7 +259,7 @@ def _train(
 ) -> TrainOutcome:
     call_t0 = time.perf_counter()
     access = S3Access.resolve() or None
-    run_uri = out or cfg.storage.run_dir or (None if resume else default_run_dir(cfg))
+    run_uri = resolve_run_dir(cfg, out, resume)
     if run_uri is None:
         raise RunError("--resume needs the run directory: pass --out RUN (or storage.run_dir)")
     run = RunDir(run_uri)

@@ -21,8 +21,9 @@ a flood of work nor slow or hostile clients can take a replica offline:
   share of generation, so clients that send half a body and wait hold a cheap connection,
   not a generation slot; a replica holds at most ``max_connections`` requests in all (Serve's
   ``max_ongoing_requests``), far more than it generates at once;
-* admission is by deadline: the replica keeps a running estimate of its seconds per
-  image-step (measured by a warm-up call at start and by every batch since) and refuses with
+* admission is by deadline: the replica keeps a running estimate of what a request costs
+  (seconds per image and per image-step, calibrated by a warm-up at start and followed by
+  every batch since; :class:`~memshard.serving.admission.Admission`) and refuses with
   503 and ``Retry-After`` a request that the work already queued would not let it finish
   within ``deadline_s``; a request still waiting at its deadline is answered 503 the same way
   (and dropped from its batch if that has not started). Serve's ``request_timeout_s``
@@ -59,8 +60,8 @@ Batching
 --------
 Requests are batched with ``@serve.batch`` (the batch size counts images, not requests);
 requests with the same sampling settings (steps, guidance, thresholds) go into ONE pipeline
-call, with per-image noise seeds (image i of a request with seed s uses
-``s * 1_000_003 + i``, the rule of ``memshard sample``) and per-request PRSS candidates, so
+call, with per-image noise seeds (:func:`memshard.seeds.image_seeds`, the rule of ``memshard
+sample``) and per-request PRSS candidates, so
 sharing a call changes no image's noise, prompt, thresholds or candidates. A request alone in
 its call gives exactly (bit for bit) what ``memshard sample`` gives for the same prompts, seed
 and thresholds, on the same hardware and torch thread count (Ray sets a replica's thread
@@ -170,6 +171,7 @@ def _request_id() -> str:
     return rid or uuid.uuid4().hex
 
 
+MAX_FAILURES = 3  # consecutive failed pipeline calls before a replica is failing
 MAX_HEADER_BYTES = 16 * 1024  # Serve's proxy (uvicorn + httptools) sets no bound of its own
 
 
@@ -216,7 +218,7 @@ class MemshardServer:
         self.allow_no_prss = allow_no_prss
         self.prss_sources = prss_sources or {}
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.failures = 0  # consecutive failed pipeline calls (check_health gives up after 3)
+        self.failures = 0  # consecutive failed pipeline calls (see `failing`)
         self.admission = Admission(self.limits)
         store = Storage(run)
         index = json.loads(store.read_text("served/model_index.json"))
@@ -294,9 +296,14 @@ class MemshardServer:
         self.num_classes = self.unet.config.num_class_embeds or None
 
     # -- health ----------------------------------------------------------------------
+    @property
+    def failing(self) -> bool:
+        """After MAX_FAILURES failed pipeline calls in a row: not ready, and restarted by Serve's check."""
+        return self.failures >= MAX_FAILURES
+
     def check_health(self) -> None:
-        """Serve's periodic replica check: unhealthy (restarted) after 3 failed pipeline calls in a row."""
-        if self.failures >= 3:
+        """Serve's periodic replica check: unhealthy (restarted) once the replica is failing."""
+        if self.failing:
             raise RuntimeError(f"{self.failures} consecutive generation failures")
 
     @app.get("/health/live")
@@ -307,7 +314,7 @@ class MemshardServer:
     @app.get("/health/ready")
     async def ready(self) -> JSONResponse:
         """Readiness: the model is loaded and its pipeline calls are not failing."""
-        if self.failures >= 3:
+        if self.failing:
             return _error(503, "failing: the last pipeline calls failed", retry_after=10)
         return JSONResponse({"status": "ready"})
 
@@ -321,7 +328,7 @@ class MemshardServer:
         import torch
 
         out: dict[str, Any] = {
-            "status": "ok" if self.failures < 3 else "failing",
+            "status": "failing" if self.failing else "ok",
             "kind": self.kind,
             "round": self.round,
             "weights": self.weights,
