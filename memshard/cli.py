@@ -302,7 +302,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.config, args.param or [], args.samples, args.out, args.set or [],
         metric=args.metric, mode=args.mode, scheduler=args.scheduler, grace_period=args.grace_period,
         max_concurrent=args.max_concurrent, evaluate=args.evaluate, eval_num=args.eval_num,
-        time_budget_s=args.time_budget_s,
+        time_budget_s=args.time_budget_s, baseline=args.baseline, baseline_run=args.baseline_run,
     )  # fmt: skip
     return 0 if not df.empty and (df["status"] == "completed").any() else 1
 
@@ -596,9 +596,17 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", help="sweep directory (local or s3://); default runs/<name>-sweep-<time>")
     sw.add_argument(
         "--metric",
-        choices=("loss", "skip_rate", "memorized_fraction", "fid"),
-        help="what the trials are ranked by (default: the config's sweep.metric)",
+        choices=("loss", "skip_rate", "memorized_fraction", "fid", "frontier"),
+        help="what the trials are ranked by (default: the config's sweep.metric); frontier: memorized fraction at "
+        "matched quality against plain training stopped early, every round evaluated",
     )
+    sw.add_argument(
+        "--baseline",
+        action="append",
+        metavar="KEY=VALUE",
+        help="frontier: an override of the plain-training run whose checkpoints are the frontier; repeatable",
+    )
+    sw.add_argument("--baseline-run", help="frontier: reuse this plain-training run directory (trained on as needed)")
     sw.add_argument("--mode", choices=("min", "max"), help="whether --metric is minimised or maximised")
     sw.add_argument("--scheduler", choices=("asha", "fifo"), help="ASHA stops poor trials early; fifo runs all")
     sw.add_argument("--grace-period", type=POSITIVE, help="rounds every trial runs before ASHA may stop it")

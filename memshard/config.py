@@ -273,24 +273,46 @@ class MSRConfig(_Section):
         return self
 
 
+PROTOTYPE_AUG_BATCH = 8  # the authors' client: augmented batches of 8 queued kept samples
+
+
 class TAAConfig(_Section):
     """Threshold-aware augmentation (IET-AGC+): kept samples near the skip threshold are augmented harder."""
 
     enabled: bool = False
-    mode: Literal["queue", "inline"] = Field(
+    mode: Literal["queue", "inline", "prototype"] = Field(
         "queue",
-        description="queue: collect kept samples, one extra optimizer step on an augmented batch of them (the "
-        "prototype); inline: augment each sample's next visit by its last strength.",
+        description="queue: every batch takes its masked step, and once queue_every kept samples wait, one extra "
+        "step on an augmented batch of them (overflow carried); prototype: the authors' client: the regular batch "
+        "only decides (no-grad forward, no step), kept samples train only augmented, the first queue_every (8) "
+        "queued form the batch and the rest are dropped; inline: augment each sample's next visit by its last "
+        "strength.",
+    )
+    scale: Literal["memshard", "torchvision"] = Field(
+        "memshard",
+        description="memshard: 7 ops (flip, translate, rotate, brightness, contrast, cutout) on memshard's ranges; "
+        "torchvision: the prototype's RandAugment, 14 ops on torchvision's 31 magnitude bins (level int(s*max)).",
     )
     alpha: float = Field(5.0, gt=0, description="a in s = exp(-a * |r*l - m[t]| / m[t]).")
     num_ops: int = Field(2, ge=1, le=7, description="RandAugment ops applied per sample.")
     max_magnitude: float = Field(
-        5.0, ge=0, le=10, description="Magnitude (RandAugment 0-10 scale) at strength 1; the prototype's round(s*5)."
+        5.0, ge=0, le=10, description="Magnitude level at strength 1; the prototype's int(mean(s) * 5)."
     )
-    per_sample: bool = Field(True, description="Each sample its own magnitude (else the batch mean, as the prototype).")
+    per_sample: bool = Field(
+        True, description="Each sample its own magnitude (else one batch level int(mean(s) * max), as the prototype)."
+    )
     queue_every: int | None = Field(
-        None, ge=1, description="queue mode: take the extra step once this many kept samples wait (None = batch size)."
+        None,
+        ge=1,
+        description="queue/prototype modes: the augmented batch's size (None = the batch size in queue mode, "
+        "8 in prototype mode, the authors' value).",
     )
+
+    def augmented_batch(self, batch_size: int) -> int:
+        """How many queued kept samples make one augmented batch."""
+        if self.queue_every is not None:
+            return self.queue_every
+        return PROTOTYPE_AUG_BATCH if self.mode == "prototype" else batch_size
 
 
 class ProxyUpdateConfig(_Section):
@@ -464,10 +486,12 @@ class SweepConfig(_Section):
         "randint(a,b) (b excluded, as in Tune) or grid(v,...).",
     )
     samples: int = Field(1, ge=1, description="Trials drawn from the space (grid values are crossed with this).")
-    metric: Literal["loss", "skip_rate", "memorized_fraction", "fid"] = Field(
+    metric: Literal["loss", "skip_rate", "memorized_fraction", "fid", "frontier"] = Field(
         "loss",
         description="What the sweep optimises. loss / skip_rate are reported every round (ASHA stops on them); "
-        "memorized_fraction / fid only exist once a trial's served model is evaluated (sweep.evaluate).",
+        "memorized_fraction / fid only exist once a trial's served model is evaluated (sweep.evaluate); "
+        "frontier (minimised): every round of every trial is evaluated and scored against plain training's "
+        "early-stopping frontier at matched quality (a baseline run trained and evaluated once per sweep).",
     )
     mode: Literal["min", "max"] = "min"
     scheduler: Literal["asha", "fifo"] = Field("asha", description="asha stops bad trials early; fifo runs all.")
@@ -488,6 +512,21 @@ class SweepConfig(_Section):
         "expensive part of evaluating on CPU).",
     )
 
+    baseline: list[str] = Field(
+        default_factory=list,
+        description="frontier metric: KEY=VALUE overrides of the baseline run (plain training: method=baseline on "
+        "the sweep's config, one model). Its checkpoints are the frontier, so give it enough rounds, e.g. "
+        "train.rounds=10.",
+    )
+    baseline_run: str | None = Field(
+        None,
+        description="frontier metric: an existing baseline run directory to reuse (trained on and evaluated "
+        "as needed) instead of SWEEP_DIR/baseline; several sweeps on the same data can share one.",
+    )
+    matched_factor: float = Field(
+        1.05, gt=1, description="frontier metric: matched quality Q = this x plain training's best FID."
+    )
+
     @field_validator("params")
     @classmethod
     def _parse_params(cls, params: dict[str, str]) -> dict[str, str]:
@@ -505,6 +544,11 @@ class SweepConfig(_Section):
 
     @model_validator(mode="after")
     def _metric_needs(self) -> SweepConfig:
+        if self.metric == "frontier" and self.mode != "min":
+            raise ValueError(
+                "sweep.metric=frontier is minimised (its score is memorized fraction above the "
+                "frontier): set sweep.mode=min"
+            )
         if self.metric in EVAL_METRICS:
             if not self.evaluate:
                 raise ValueError(f"sweep.metric={self.metric} needs sweep.evaluate=true")

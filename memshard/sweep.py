@@ -7,6 +7,17 @@ a bad setting after ``sweep.grace_period`` rounds instead of paying for all of t
 ``sweep.evaluate`` the served model of a finished trial is evaluated (memorized fraction by the
 1/3 rule, FID) and those figures ride on the trial's last report.
 
+The frontier objective (``sweep.metric: frontier``) is the one the product is judged by: privacy
+at equal quality. Before any trial, plain training (``method=baseline`` on the sweep's config,
+with ``sweep.baseline`` overrides) is trained once into DIR/baseline (or ``sweep.baseline_run``)
+and every checkpoint evaluated: its early-stopping frontier E(f) and matched quality Q = 1.05 x
+its best FID (memshard.evaluation.metrics.frontier). Each trial then evaluates every committed
+round with the same generations and reference, and reports each round's score
+(:func:`~memshard.evaluation.metrics.frontier.frontier_score`: its memorized fraction at Q minus
+E(Q), or a penalty above 1 while no checkpoint reaches Q), so ASHA stops trials on the very
+figure the sweep ranks by. Evaluations are stored in each run directory and reused when a
+retried trial or a later sweep asks again.
+
 Resources: a trial's shard actors are long-lived and must be gang-placed, so each trial asks
 Tune for a ``PlacementGroupFactory`` of an empty head bundle (the trial driver only
 orchestrates; Tune then places it in the first shard bundle without reserving anything, and a
@@ -19,7 +30,10 @@ Outputs, all in DIR (local or s3://):
 
     DIR/trials/<trial id>/    a complete run directory per trial (served model, run.json, tb/)
     DIR/results.csv           one row per trial: its values, final metrics, status, Pareto flag
-    DIR/pareto.png            memorized fraction vs FID (with evaluation) or loss vs skip rate
+    DIR/pareto.png            memorized fraction vs FID (with evaluation) or loss vs skip rate;
+                              frontier: every trial beside plain training's curve and Q
+    DIR/points.csv            frontier: every evaluated checkpoint (baseline and trials)
+    DIR/baseline/             frontier: plain training's run, evaluated at every checkpoint
     DIR/tune/                 Tune's own experiment state (local DIR only)
 
 The trials' run manifests are the source of truth; Tune's experiment state is only a log
@@ -35,6 +49,7 @@ import os
 import posixpath
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -53,6 +68,7 @@ from memshard.config import (
     parse_search_space,
     set_dotted,
 )
+from memshard.evaluation.metrics.frontier import Checkpoint, checkpoint_from_metrics, frontier_score, matched_quality
 from memshard.io.rundir import RunDir
 from memshard.io.storage import Storage, is_remote
 from memshard.runtime.driver import RunError, check_resources, connect, shard_bundles, shard_resources, train
@@ -60,6 +76,14 @@ from memshard.runtime.progress import console
 from memshard.runtime.tasks import remote_call
 
 RESULTS_CSV = "results.csv"
+POINTS_CSV = "points.csv"
+BASELINE_DIR = "baseline"
+EVAL_NAME = "sweep"
+# What a frontier trial reports each round beside ROUND_KEYS (memshard.evaluation.metrics.frontier_score).
+FRONTIER_KEYS = (
+    "frontier", "reached", "matched_memorized", "early_stopping", "vs_early_stopping_rel", "matched_fid_limit",
+    "round_chosen", "duplicated_copied", "last_fid", "last_memorized",
+)  # fmt: skip
 PARETO_PNG = "pareto.png"
 TRIALS_DIR = "trials"
 # Per-round figures a trial reports (the summary keys of memshard.runtime.coordinator / driver).
@@ -179,6 +203,26 @@ def round_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def eval_options(cfg: MemshardConfig, sweep: SweepConfig) -> Any:
+    """The evaluation every trial (and the frontier's baseline) gets: same seeds, samples, reference.
+
+    In process: a trial's driver runs inside its placement group, where evaluate's usual
+    1-CPU / 1-GPU tasks could not be placed.
+    """
+    from memshard.evaluation.evaluate import EvalOptions
+
+    return EvalOptions(
+        num=sweep.eval_num,
+        steps=sweep.eval_steps,
+        name=EVAL_NAME,
+        seed=cfg.seed,
+        fid_reference=sweep.eval_reference,
+        calibration_images=min(256, sweep.eval_reference or 256),
+        batch_size=min(64, sweep.eval_num),
+        in_process=True,
+    )
+
+
 def evaluate_trial(cfg: MemshardConfig, sweep: SweepConfig, run_uri: str) -> dict[str, Any]:
     """Memorized fraction and FID of a finished trial's served model.
 
@@ -189,18 +233,9 @@ def evaluate_trial(cfg: MemshardConfig, sweep: SweepConfig, run_uri: str) -> dic
     from ray.util.placement_group import get_current_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from memshard.evaluation.evaluate import EvalOptions, evaluate
+    from memshard.evaluation.evaluate import evaluate
 
-    opts = EvalOptions(
-        num=sweep.eval_num,
-        steps=sweep.eval_steps,
-        name="sweep",
-        seed=cfg.seed,
-        fid_reference=sweep.eval_reference,
-        calibration_images=min(256, sweep.eval_reference or 256),
-        batch_size=min(64, sweep.eval_num),
-        in_process=True,
-    )
+    opts = eval_options(cfg, sweep)
     need = shard_resources(cfg)
     task_options: dict[str, Any] = {"num_cpus": need["CPU"], "num_gpus": need["GPU"]}
     pg = get_current_placement_group()
@@ -219,15 +254,74 @@ def evaluate_trial(cfg: MemshardConfig, sweep: SweepConfig, run_uri: str) -> dic
     return out
 
 
-def make_trainable(base: dict[str, Any], out: str, sweep: SweepConfig) -> Callable[[dict[str, Any]], None]:
+# --------------------------------------------------------------------------- the frontier objective
+
+
+@dataclass(frozen=True)
+class Frontier:
+    """Plain training's evaluated checkpoints and the matched quality Q: computed once, given to every trial."""
+
+    run: str
+    baseline: tuple[Checkpoint, ...]
+    q: float
+
+
+def baseline_config(cfg: MemshardConfig) -> MemshardConfig:
+    """Plain training on the sweep's config: ``method=baseline`` (one model, nothing skipped) + ``sweep.baseline``."""
+    from memshard.config import METHOD_SWITCHES
+
+    raw = cfg.to_dict()
+    raw["sweep"] = {}
+    for key, value in METHOD_SWITCHES["baseline"].items():
+        raw = set_dotted(raw, key, value)
+    raw["method"] = "baseline"
+    return load_config(raw, list(cfg.sweep.baseline))
+
+
+def prepare_frontier(cfg: MemshardConfig, out: str) -> Frontier:
+    """Train plain training (resuming what is there) and evaluate every checkpoint (reusing stored ones)."""
+    from memshard.evaluation.evaluate import evaluate_rounds
+
+    uri = cfg.sweep.baseline_run or posixpath.join(out, BASELINE_DIR)
+    if not is_remote(uri):
+        uri = os.path.abspath(uri)
+    bcfg = baseline_config(cfg)
+    manifest = RunDir(uri).manifest()
+    if manifest is None or int(manifest.get("rounds_completed", 0)) < bcfg.train.rounds:
+        console.print(f"[bold]frontier:[/bold] training plain training ({bcfg.train.rounds} rounds) in {uri}")
+        train(bcfg, out=uri, resume=manifest is not None)
+    metrics = evaluate_rounds(uri, eval_options(bcfg, cfg.sweep), "all")
+    points = tuple(checkpoint_from_metrics("baseline", m) for m in metrics.values())
+    q = matched_quality(points, cfg.sweep.matched_factor)
+    best = min(points, key=lambda p: p.fid)
+    console.print(
+        f"frontier: plain training's best FID {best.fid:.2f} (round {best.round}), matched quality Q = {q:.2f}; "
+        f"{len(points)} checkpoints"
+    )
+    return Frontier(run=uri, baseline=points, q=q)
+
+
+def frontier_metrics(points: list[Checkpoint], frontier: Frontier) -> dict[str, Any]:
+    """A trial's frontier report over its checkpoints so far (None as NaN: Tune's results are numbers)."""
+    out = frontier_score(points, frontier.baseline, frontier.q)
+    last = max(points, key=lambda p: p.round)
+    out.update(last_fid=last.fid, last_memorized=last.memorized_fraction)
+    return {k: (math.nan if v is None else float(v)) for k, v in out.items()}
+
+
+def make_trainable(
+    base: dict[str, Any], out: str, sweep: SweepConfig, frontier: Frontier | None = None
+) -> Callable[[dict[str, Any]], None]:
     """The Tune function trainable: one full run per trial, one ``tune.report`` per committed round.
 
     With evaluation the last round's report waits for the evaluation and carries its figures,
     so every trial reports exactly ``train.rounds`` times (ASHA's budget axis) and a finished
-    trial's last result holds everything results.csv needs. ``sweep`` is the sweep's own section
-    (a trial's config has it emptied).
+    trial's last result holds everything results.csv needs. With a ``frontier`` every round is
+    evaluated (the stored evaluations of earlier rounds are reused, so a retried trial scores
+    the same) and its report carries the trial's frontier score so far. ``sweep`` is the
+    sweep's own section (a trial's config has it emptied).
     """
-    evaluate = sweep.evaluate
+    evaluate = sweep.evaluate and frontier is None
 
     def trial(params: dict[str, Any]) -> None:
         from ray import tune
@@ -241,7 +335,14 @@ def make_trainable(base: dict[str, Any], out: str, sweep: SweepConfig) -> Callab
             nonlocal last_reported
             if evaluate and summary["round"] >= cfg.train.rounds:
                 return  # reported below, with the evaluation
-            tune.report(round_metrics(summary))
+            report = round_metrics(summary)
+            if frontier is not None:
+                from memshard.evaluation.evaluate import evaluate_rounds
+
+                r = int(summary["round"])
+                ms = evaluate_rounds(run_uri, eval_options(cfg, sweep), list(range(1, r + 1)))
+                report.update(frontier_metrics([checkpoint_from_metrics("trial", m) for m in ms.values()], frontier))
+            tune.report(report)
             last_reported = int(summary["round"])
 
         outcome = train(cfg, out=run_uri, resume=resume, on_round=on_round)
@@ -358,7 +459,7 @@ def collect_results(grid: Any, cfg: MemshardConfig, out: str) -> pd.DataFrame:
         for k in keys:
             row[k] = _plain((res.config or {}).get(k))
         row["rounds_completed"] = done
-        for k in (*ROUND_KEYS, *EVAL_METRICS, "copy_over_threshold", "class_accuracy"):
+        for k in (*ROUND_KEYS, *EVAL_METRICS, *FRONTIER_KEYS, "copy_over_threshold", "class_accuracy"):
             if k in metrics:
                 row[k] = metrics[k]
         row["run_dir"] = run_uri
@@ -367,7 +468,65 @@ def collect_results(grid: Any, cfg: MemshardConfig, out: str) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if not df.empty:
         df = df.sort_values("trial_id", kind="stable").reset_index(drop=True)
-    return add_pareto(df, cfg.sweep.evaluate)
+    return add_pareto(df, _evaluated(cfg))
+
+
+def _evaluated(cfg: MemshardConfig) -> bool:
+    """Whether trials carry FID and memorized fraction (end-of-trial evaluation or the frontier)."""
+    return cfg.sweep.evaluate or cfg.sweep.metric == "frontier"
+
+
+def frontier_points(df: pd.DataFrame, cfg: MemshardConfig, frontier: Frontier) -> pd.DataFrame:
+    """Every evaluated checkpoint: the baseline's, then each trial's (read back from the run directories)."""
+    from memshard.evaluation.evaluate import stored_round
+
+    rows = [{"arm": "baseline", **p.to_dict()} for p in frontier.baseline]
+    opts = eval_options(cfg, cfg.sweep)
+    for _, trial in df.iterrows():
+        run = RunDir(str(trial["run_dir"]))
+        for r in range(1, int(trial["rounds_completed"]) + 1):
+            m = stored_round(run, EVAL_NAME, r, opts)
+            if m is not None:
+                rows.append({**checkpoint_from_metrics(str(trial["trial_id"]), m).to_dict()})
+    return pd.DataFrame(rows)
+
+
+def plot_frontier(df: pd.DataFrame, points: pd.DataFrame, frontier: Frontier, params: list[str]) -> bytes:
+    """PNG: plain training's memorization-FID curve and Q, each trial's checkpoints and its matched point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
+    base = points[points["arm"] == "baseline"].sort_values("steps")
+    ax.plot(base["fid"], base["memorized_fraction"], "-o", c="k", ms=4, lw=1.2, label="plain training (checkpoints)")
+    ax.axvline(frontier.q, c="k", ls=":", lw=1, label=f"matched quality Q = {frontier.q:.2f}")
+    trials = points[points["arm"] != "baseline"]
+    if not trials.empty:
+        ax.scatter(trials["fid"], trials["memorized_fraction"], c="0.8", s=10, label="trial checkpoints")
+    if "fid" in df and "memorized_fraction" in df:
+        reached = df.get("reached", pd.Series(0.0, index=df.index)).fillna(0).astype(float) > 0
+        front = df["pareto"].astype(bool)
+        ax.scatter(df["fid"][reached & ~front], df["memorized_fraction"][reached & ~front], c="tab:blue",
+                   label="trial at Q (its lowest copying with FID <= Q)")  # fmt: skip
+        ax.scatter(df["fid"][~reached], df["memorized_fraction"][~reached], c="tab:orange", marker="x",
+                   label="trial that never reached Q (its best FID)")  # fmt: skip
+        ax.scatter(df["fid"][front], df["memorized_fraction"][front], c="tab:red", zorder=3, label="Pareto-optimal")
+        for i in np.flatnonzero(front.to_numpy()):
+            values = ", ".join(f"{k.split('.')[-1]}={_short(df[k].iloc[i])}" for k in params if k in df)
+            ax.annotate(values, (df["fid"].iloc[i], df["memorized_fraction"].iloc[i]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("FID (lower is better)")
+    ax.set_ylabel("memorized fraction (lower is better)")
+    ax.set_title(f"memshard sweep, frontier objective: {len(df)} trial(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=7)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -402,6 +561,8 @@ def sweep_config(
             f"sweep.grace_period={cfg.sweep.grace_period} exceeds train.rounds={cfg.train.rounds}: "
             "ASHA could never stop a trial"
         )
+    if cfg.sweep.metric == "frontier":
+        baseline_config(cfg)  # its overrides are checked before any work
     return cfg
 
 
@@ -420,14 +581,14 @@ def make_scheduler(cfg: MemshardConfig) -> Any:
     )
 
 
-def build_tuner(cfg: MemshardConfig, out: str, verbose: int = 1) -> Any:
+def build_tuner(cfg: MemshardConfig, out: str, verbose: int = 1, frontier: Frontier | None = None) -> Any:
     """The ``tune.Tuner`` of a sweep (current API: TuneConfig, RunConfig(storage_path), tune.report)."""
     from ray import tune
 
     sweep = cfg.sweep
     base = _absolute_paths(cfg.to_dict())
     trainable = tune.with_resources(
-        make_trainable(base, out, sweep),
+        make_trainable(base, out, sweep, frontier),
         resources=lambda spec: trial_resources(trial_config(base, dict(spec))),
     )
     # An end-of-trial metric (memorized_fraction / fid) is missing from the per-round reports, which
@@ -485,6 +646,8 @@ def run_sweep(
     evaluate: bool | None = None,
     eval_num: int | None = None,
     time_budget_s: float | None = None,
+    baseline: list[str] | None = None,
+    baseline_run: str | None = None,
     verbose: int = 1,
 ) -> pd.DataFrame:
     """Run a sweep; returns the results table (also written to DIR/results.csv, plot to DIR/pareto.png).
@@ -506,6 +669,8 @@ def run_sweep(
         evaluate=evaluate,
         eval_num=eval_num,
         time_budget_s=time_budget_s,
+        baseline=baseline,
+        baseline_run=baseline_run,
     )
     out = out or default_sweep_dir(cfg)
     if not is_remote(out):
@@ -516,10 +681,16 @@ def run_sweep(
     connect(cfg)
     _check_fits(cfg)
     t0 = time.perf_counter()
-    grid = build_tuner(cfg, out, verbose=verbose).fit()
+    frontier = prepare_frontier(cfg, out) if cfg.sweep.metric == "frontier" else None
+    grid = build_tuner(cfg, out, verbose=verbose, frontier=frontier).fit()
     df = collect_results(grid, cfg, out)
     store.write_text(RESULTS_CSV, df.to_csv(index=False))
-    store.write_bytes(PARETO_PNG, plot_pareto(df, cfg.sweep.evaluate, list(cfg.sweep.params)))
+    if frontier is not None:
+        points = frontier_points(df, cfg, frontier)
+        store.write_text(POINTS_CSV, points.to_csv(index=False))
+        store.write_bytes(PARETO_PNG, plot_frontier(df, points, frontier, list(cfg.sweep.params)))
+    else:
+        store.write_bytes(PARETO_PNG, plot_pareto(df, cfg.sweep.evaluate, list(cfg.sweep.params)))
     counts = df["status"].value_counts().to_dict() if not df.empty else {}
     console.print(
         f"[bold green]sweep done[/bold green] in {time.perf_counter() - t0:.0f}s: {len(df)} trial(s) "

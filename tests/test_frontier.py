@@ -16,6 +16,7 @@ from memshard.evaluation.metrics.frontier import (
     checkpoint_from_metrics,
     clear_difference,
     early_stopping,
+    frontier_score,
     matched_quality,
 )
 
@@ -214,3 +215,21 @@ def test_a_gap_within_sampling_noise_is_not_called_a_win():
         "agc": [cp("agc", 250, 5 / 256, 41.8, n=256)],
     }
     assert "copies less than plain training at equal FID" in verdict(build(clear, "baseline"), "agc")
+
+
+def test_frontier_score_orders_what_a_sweep_should_prefer():
+    """Reaching Q and copying less beats reaching Q and copying more beats never reaching Q."""
+    base = [cp("b", 100, 0.0, 40.0), cp("b", 200, 0.10, 22.0), cp("b", 300, 0.30, 20.0)]
+    q = matched_quality(base)  # 21.0: only the last baseline checkpoint is that good, E(Q) = 0.30
+    good = frontier_score([cp("t", 100, 0.0, 50.0), cp("t", 200, 0.06, 20.5), cp("t", 300, 0.12, 19.0)], base, q)
+    assert good["reached"] and good["matched_memorized"] == 0.06 and good["early_stopping"] == 0.30
+    assert good["frontier"] == pytest.approx(0.06 - 0.30) and good["vs_early_stopping_rel"] == pytest.approx(-0.8)
+    assert good["round_chosen"] == 2 and good["fid"] == 20.5
+    worse = frontier_score([cp("t", 300, 0.40, 20.0)], base, q)
+    assert worse["frontier"] == pytest.approx(0.10) and worse["reached"]
+    short = frontier_score([cp("t", 300, 0.0, 25.2)], base, q)  # copies nothing, but 20% short of Q
+    far = frontier_score([cp("t", 300, 0.0, 42.0)], base, q)
+    assert not short["reached"] and short["matched_memorized"] is None and short["vs_early_stopping_rel"] is None
+    assert short["frontier"] == pytest.approx(1.2) and far["frontier"] == pytest.approx(2.0)
+    assert good["frontier"] < worse["frontier"] < short["frontier"] < far["frontier"]
+    assert frontier_score([cp("t", 300, 0.0, math.nan)], base, q)["frontier"] == math.inf

@@ -42,7 +42,7 @@ def test_all_skipped_batch_still_steps_in_both_modes():
         assert all(torch.equal(before[k], v) for k, v in p.weights()[0].items())  # zero grads, zero moments
 
 
-@pytest.mark.parametrize("mode", ["queue", "inline"])
+@pytest.mark.parametrize("mode", ["queue", "inline", "prototype"])
 def test_taa_records_strength_and_is_deterministic(mode):
     extra = ["method=null", "taa.enabled=true", f"taa.mode={mode}", "taa.queue_every=4"]
     p1, p2 = _proxy(extra), _proxy(extra)
@@ -59,6 +59,12 @@ def test_taa_records_strength_and_is_deterministic(mode):
         # extra steps on augmented batches are part of the round's step budget
         assert r1.extra_steps > 0 and p1.step == 16 and r1.visits.sum() == (16 - r1.extra_steps) * 4
         assert r1.augmented.sum() == r1.extra_steps * 4
+    elif mode == "prototype":
+        # the budget counts regular batches (each only decides); an augmented step of the first 4 queued
+        # follows each batch that brings the queue to 4, and the rest is dropped, never carried
+        assert p1.step == 16 and r1.visits.sum() == 16 * 4
+        assert 0 < r1.extra_steps <= 16 and r1.augmented.sum() == r1.extra_steps * 4
+        assert r1.augmented.sum() <= kept.sum()
     else:
         assert r1.extra_steps == 0 and r1.visits.sum() == 16 * 4
         assert p1.taa_strength  # carried to the next round, and through a checkpoint
@@ -118,3 +124,30 @@ def test_method_key_sets_switches_and_refuses_contradictions():
     # the resolved config round-trips (what run.json stores is valid again)
     assert load_config(plus.to_dict()) == plus
     assert load_config("iet-agc-plus").msr.enabled
+
+
+def test_prototype_mode_trains_only_on_augmented_batches():
+    """The authors' client: the regular batch takes no step; kept samples train only augmented."""
+    # everything skipped: nothing is queued, so nothing trains at all (queue mode would still step)
+    p = _proxy(["method=null", "taa.enabled=true", "taa.mode=prototype", "agc.bank_init=1000"])
+    before = {k: v.clone() for k, v in p.weights()[0].items()}
+    res = p.train_round(1, _data(), steps=4)
+    assert res.skips.sum() == res.visits.sum() == 16 and res.extra_steps == 0
+    assert not p.optimizer.state and all(torch.equal(before[k], v) for k, v in p.weights()[0].items())
+    # nothing skipped (r huge), queue of 8 over batches of 4: a step every second batch, nothing dropped
+    q = _proxy(["method=null", "taa.enabled=true", "taa.mode=prototype", "agc.ratio=1000"])
+    res = q.train_round(1, _data(), steps=6)
+    assert res.skips.sum() == 0 and res.extra_steps == 3 and res.augmented.sum() == 24
+    # queue of 3 over batches of 4: every batch steps on its first 3 kept, 1 is dropped
+    r = _proxy(["method=null", "taa.enabled=true", "taa.mode=prototype", "agc.ratio=1000", "taa.queue_every=3"])
+    res = r.train_round(1, _data(), steps=6)
+    assert res.extra_steps == 6 and res.augmented.sum() == 18 and res.visits.sum() == 24
+
+
+def test_taa_torchvision_scale_trains_and_differs_from_memshard_scale():
+    a = _proxy(["method=null", "taa.enabled=true", "taa.mode=inline"])
+    b = _proxy(["method=null", "taa.enabled=true", "taa.mode=inline", "taa.scale=torchvision"])
+    b.load_global(*a.weights())
+    ra, rb = a.train_round(1, _data(), steps=10), b.train_round(1, _data(), steps=10)
+    assert rb.augmented.sum() > 0 and np.array_equal(ra.visits, rb.visits)
+    assert not all(torch.equal(x, y) for x, y in zip(a.weights()[0].values(), b.weights()[0].values(), strict=True))

@@ -15,9 +15,11 @@ from memshard.runtime.driver import RunError
 from memshard.runtime.tensorboard import read_scalars
 from memshard.sweep import (
     PARETO_PNG,
+    POINTS_CSV,
     RESULTS_CSV,
     TRIALS_DIR,
     add_pareto,
+    baseline_config,
     make_scheduler,
     pareto_mask,
     parse_param,
@@ -267,3 +269,64 @@ def test_sweep_releases_resources_and_refuses_reuse(real_sweep, ray_cluster):
     assert ray_cluster.available_resources().get("CPU", 0) == pytest.approx(2)
     with pytest.raises(RunError, match="already holds a sweep"):
         run_sweep("demo", ["agc.ratio=uniform(1.1,3)"], 1, out, TINY)
+
+
+# --------------------------------------------------------------------------- the frontier objective
+
+
+def test_frontier_sweep_config_and_baseline_config():
+    cfg = sweep_config(
+        "demo", ["agc.ratio=uniform(1.1,3)"], [*TINY, "method=iet-agc-plus"], metric="frontier",
+        baseline=["train.rounds=5"],
+    )  # fmt: skip
+    base = baseline_config(cfg)
+    assert base.method == "baseline" and base.shards.count == 1 and base.train.rounds == 5
+    assert not (base.agc.enabled or base.msr.enabled or base.taa.enabled) and base.sweep.params == {}
+    assert base.train.steps_per_round == cfg.train.steps_per_round and base.data == cfg.data  # same data, same pace
+    with pytest.raises(ConfigError, match="nope"):
+        sweep_config("demo", ["agc.ratio=uniform(1.1,3)"], TINY, metric="frontier", baseline=["nope=1"])
+    with pytest.raises(ConfigError, match="minimised"):
+        sweep_config("demo", ["agc.ratio=uniform(1.1,3)"], TINY, metric="frontier", mode="max")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_frontier_sweep_scores_trials_against_plain_training(ray_cluster, tmp_path):
+    from memshard.evaluation.metrics.frontier import Checkpoint, frontier_score
+
+    out = str(tmp_path / "fs")
+    df = run_sweep(
+        "demo",
+        ["agc.ratio=grid(1.2, 3.0)"],
+        1,
+        out,
+        SWEEP_SET,
+        metric="frontier",
+        scheduler="fifo",
+        eval_num=8,
+        baseline=["train.rounds=3"],
+        verbose=0,
+    )
+    on_disk = pd.read_csv(f"{out}/{RESULTS_CSV}")
+    assert len(on_disk) == len(df) == 2 and (on_disk["status"] == "completed").all()
+    points = pd.read_csv(f"{out}/{POINTS_CSV}")
+    base = points[points["arm"] == "baseline"]
+    assert sorted(base["round"]) == [1, 2, 3]  # plain training trained and evaluated once, every checkpoint
+    assert sorted(p.name for p in (Path(out) / "baseline" / "eval" / "sweep").iterdir() if p.name.startswith("round"))
+    fields = set(Checkpoint.__dataclass_fields__)
+
+    def pts(frame):
+        return [Checkpoint(**{k: v for k, v in row.items() if k in fields}) for row in frame.to_dict("records")]
+
+    q = 1.05 * base["fid"].min()
+    for row in on_disk.to_dict("records"):
+        mine = points[points["arm"] == row["trial_id"]]
+        assert sorted(mine["round"]) == [1, 2]  # every round of the trial was evaluated
+        # the reported score is the frontier score of the stored evaluations, recomputed here
+        want = frontier_score(pts(mine), pts(base), q)
+        assert row["frontier"] == pytest.approx(want["frontier"]) and row["matched_fid_limit"] == pytest.approx(q)
+        assert bool(row["reached"]) == want["reached"]
+        assert -1 <= row["frontier"] <= 1 if want["reached"] else row["frontier"] > 1
+    assert on_disk["pareto"].sum() >= 1
+    with Image.open(f"{out}/{PARETO_PNG}") as img:
+        assert img.format == "PNG" and img.size[0] > 100

@@ -130,7 +130,7 @@ class RoundResult:
     skip_rate: float
     augmented: np.ndarray | None = None  # TAA: augmented visits per sample
     mean_strength: np.ndarray | None = None  # TAA: mean strength s over kept visits; NaN if none
-    extra_steps: int = 0  # TAA queue mode: optimizer steps taken on augmented batches (part of ``steps``)
+    extra_steps: int = 0  # TAA queue/prototype: steps on augmented batches (queue: part of ``steps``)
     nonfinite_steps: int = 0  # steps of this round skipped for a NaN/inf loss (part of ``steps``)
     nonfinite_ids: np.ndarray | None = None  # ids of the samples whose loss was NaN/inf this round
 
@@ -395,7 +395,9 @@ class Proxy:
         )
         queue: list[torch.Tensor] = []  # queue mode: (index, strength) rows of kept samples, this round only
         queued = 0
-        queue_size = (taa.queue_every or cfg.train.batch_size) if taa is not None else 0
+        queue_size = taa.augmented_batch(cfg.train.batch_size) if taa is not None else 0
+        # prototype mode: the regular batch only decides (no-grad forward, no step); kept samples train augmented
+        learn = taa is None or taa.mode != "prototype"
         extra_steps = 0
         regular = 0  # batches of the precomputed order consumed
 
@@ -409,14 +411,8 @@ class Proxy:
             noise = torch.randn(x0.shape, generator=gen, device=self.device)
             if taa is not None and taa.mode == "inline":
                 s_prev = last_strength[idx]
-                x0 = augmentation.augment(
-                    x0,
-                    augmentation.magnitudes(s_prev, taa.max_magnitude, taa.per_sample),
-                    aug_gen,
-                    taa.num_ops,
-                    clamp=not data.latent,
-                )
-            per, keep, ratio, bank_before, ok = self._step(x0, noise, t, cond, self.lr_at(self.step, warmup))
+                x0 = self._augment(x0, s_prev, taa, aug_gen, data.latent)
+            per, keep, ratio, bank_before, ok = self._step(x0, noise, t, cond, self.lr_at(self.step, warmup), learn)
             # a skipped (non-finite) batch adds nothing: every update below is masked by ``ok``
             stepped = ok.to(torch.int64)
             bad_steps += 1 - stepped
@@ -444,19 +440,22 @@ class Proxy:
                 else:
                     queue.append(torch.stack([k_idx.double(), k_s.double()], dim=1))
                     queued += int(k_idx.numel())
-                    if queued >= queue_size and i < steps:
+                    # queue mode: the extra step is part of the step budget and the overflow waits for the
+                    # next one; prototype mode: the budget counts regular batches, the overflow is dropped
+                    if queued >= queue_size and (i < steps or not learn):
                         rows = torch.cat(queue)
                         take, rest = rows[:queue_size], rows[queue_size:]
-                        queue, queued = ([rest] if len(rest) else []), len(rest)
+                        queue, queued = ([rest] if len(rest) and learn else []), (len(rest) if learn else 0)
                         q_idx = take[:, 0].long()
                         q_finite = self._augmented_step(data, q_idx, take[:, 1].float(), taa, gen, aug_gen, warmup)
                         q_stepped = q_finite.all().to(torch.int64)
                         bad_steps += 1 - q_stepped
                         bad_visits.index_add_(0, q_idx, (~q_finite).to(torch.int64))
                         augmented.index_add_(0, q_idx, torch.ones_like(q_idx) * q_stepped)
-                        self.step += 1
-                        i += 1
                         extra_steps += 1
+                        if learn:
+                            self.step += 1
+                            i += 1
             if i % report_every == 0 and i < steps:
                 self._check_nonfinite(round_id, self.nonfinite_steps + probe.read(bad_steps), data, bad_visits)
             if on_progress is not None and (i % report_every == 0 or i >= steps):
@@ -614,9 +613,12 @@ class Proxy:
             self._update_ema(ok if on_device else None)
 
     def _step(
-        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: Cond, lr: float
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: Cond, lr: float, learn: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step with the AGC rule, skipped if any per-sample loss is NaN/inf.
+
+        ``learn=False`` (TAA's prototype mode) only decides: a no-grad forward, the keep mask
+        and the bank update, no optimizer step.
 
         Returns (per-sample loss, keep mask, loss ratio, the bank the decision used, whether
         the step was taken: a 0-dim bool on the device). With
@@ -628,13 +630,14 @@ class Proxy:
         xt, target = self._targets(x0, noise, t)
         self.optimizer.zero_grad(set_to_none=True)
         bank_before = self.bank
-        if cfg.agc.enabled and cfg.agc.decide_before_backward:
+        if not learn or (cfg.agc.enabled and cfg.agc.decide_before_backward):
             with torch.no_grad():
                 per = agc.per_sample_loss(self._forward(xt, t, cond), target)
             ok = torch.isfinite(per).all()
             keep = agc.keep_mask(per, self.bank, t, cfg.agc.ratio)
             loss = None
-            if bool(keep.any() & ok):  # this mode reads the mask anyway; a skipped batch needs no second forward
+            # this mode reads the mask anyway; a skipped batch needs no second forward
+            if learn and bool(keep.any() & ok):
                 sel = keep.nonzero().squeeze(1)
                 loss = agc.per_sample_loss(self._forward(xt[sel], t[sel], select(cond, sel)), target[sel]).mean()
         else:
@@ -648,12 +651,22 @@ class Proxy:
             loss = agc.masked_loss(per_g, keep)
             ok = torch.isfinite(per).all()
         ratio = agc.loss_ratio(per, self.bank, t)
-        self._optimizer_step(loss, lr, ok)
+        if learn:
+            self._optimizer_step(loss, lr, ok)
         # The bank sees every sample, skipped or not, after the mask was taken. It is kept
         # even with AGC off, so a baseline run records the same loss-ratio statistics. A
         # non-finite batch leaves it untouched: one NaN in m[t] would skip timestep t forever.
         self.bank = torch.where(ok, agc.update_bank(self.bank, per, t, cfg.agc.bank_decay), self.bank)
         return per, keep, ratio, bank_before, ok
+
+    @staticmethod
+    def _augment(
+        x0: torch.Tensor, strengths: torch.Tensor, taa: TAAConfig, aug_gen: torch.Generator, latent: bool
+    ) -> torch.Tensor:
+        """TAA's augmentation of ``x0`` by ``strengths``, on the configured scale."""
+        return augmentation.apply(
+            x0, strengths, taa.scale, taa.max_magnitude, taa.per_sample, taa.num_ops, aug_gen, latent=latent
+        )
 
     def _augmented_step(
         self,
@@ -665,19 +678,13 @@ class Proxy:
         aug_gen: torch.Generator,
         warmup: int,
     ) -> torch.Tensor:
-        """TAA queue mode: one extra optimizer step on queued kept samples, augmented by strength.
+        """TAA queue/prototype mode: one optimizer step on queued kept samples, augmented by strength.
 
         Plain diffusion loss (no skipping, no bank update): these samples were kept moments
         ago, and feeding augmented losses into the bank would bias the skip threshold. Returns
         which per-sample losses were finite; if any was not, the step was skipped.
         """
-        x0 = augmentation.augment(
-            data.x0(idx),
-            augmentation.magnitudes(strengths, taa.max_magnitude, taa.per_sample),
-            aug_gen,
-            taa.num_ops,
-            clamp=not data.latent,
-        )
+        x0 = self._augment(data.x0(idx), strengths, taa, aug_gen, data.latent)
         cond = self._cond(data, idx, gen)
         t = torch.randint(0, self.cfg.model.num_train_timesteps, (idx.numel(),), generator=gen, device=self.device)
         noise = torch.randn(x0.shape, generator=gen, device=self.device)

@@ -28,6 +28,7 @@ __all__ = [
     "checkpoint_from_metrics",
     "clear_difference",
     "early_stopping",
+    "frontier_score",
     "matched_quality",
 ]
 
@@ -175,3 +176,35 @@ def at_matched_quality(points: Sequence[Checkpoint], baseline: Sequence[Checkpoi
         "max_steps": max(p.steps for p in points),
     }
     return out
+
+
+def frontier_score(points: Sequence[Checkpoint], baseline: Sequence[Checkpoint], q: float) -> dict[str, Any]:
+    """One number a search minimises: how far an arm's copying is from plain training stopped early, at Q.
+
+    ``frontier`` = memorized fraction at matched quality - E(Q) when some checkpoint reaches Q
+    (in [-1, 1]; negative: below the frontier); otherwise 1 + (best FID - Q) / Q, above every
+    arm that reaches Q and ordered by how far its quality falls short, so a scheduler comparing
+    trials round by round (ASHA) keeps those that reach the quality and copy least. Beside it:
+    ``reached``, ``matched_memorized`` (None when not reached), ``early_stopping`` (E(Q)),
+    ``vs_early_stopping_rel`` (the gap as a fraction of E(Q)), and the chosen checkpoint's
+    ``fid``, ``memorized_fraction``, ``round`` and ``duplicated_copied``.
+    """
+    m = at_matched_quality(points, baseline, q)
+    e_q = m["early_stopping_memorized"]
+    if m["reached"]:
+        score = m["memorized_fraction"] - (e_q if e_q is not None else 0.0)
+    else:
+        score = 1.0 + (m["fid"] - q) / q if math.isfinite(m["fid"]) else math.inf
+    rel = (m["memorized_fraction"] / e_q - 1.0) if (m["reached"] and e_q) else None
+    return {
+        "frontier": float(score),
+        "reached": bool(m["reached"]),
+        "matched_memorized": m["memorized_fraction"] if m["reached"] else None,
+        "early_stopping": e_q,
+        "vs_early_stopping_rel": rel,
+        "matched_fid_limit": q,
+        "fid": m["fid"],
+        "memorized_fraction": m["memorized_fraction"],
+        "round_chosen": m["round"],
+        "duplicated_copied": m["duplicated_copied"],
+    }
