@@ -664,20 +664,68 @@ class MemshardConfig(_Section):
         return "\n".join(_described(type(self), self.to_dict(), 0)) + "\n"
 
 
-def _described(model: type[BaseModel], values: dict[str, Any], depth: int) -> list[str]:
-    """YAML lines of ``values`` (a dump of ``model``), each key followed by its field's description."""
+# Where each algorithm constant's default comes from, shown by `memshard config show --describe`:
+# "paper" = the paper as the spec (ALGORITHMS.md) states it, "authors' code" = their released CIFAR
+# code, "prototype" = their IET-AGC+ prototype, "memshard" = memshard's own reading where the two
+# differ (README: "Where memshard differs from the authors' code"), "sweep" = chosen by a measured
+# sweep (BENCHMARKS.md). A default without a measured reason to change stays the paper's.
+PAPER, AUTHORS, PROTOTYPE, MEMSHARD = "paper", "authors' code", "prototype", "memshard"
+DEFAULT_SOURCES: dict[str, str] = {
+    "shards.count": f"{AUTHORS} (K = 10)",
+    "train.lr": f"{AUTHORS} (Adam 2e-4)",
+    "train.grad_clip": f"{AUTHORS} (1.0)",
+    "train.ema_decay": f"{AUTHORS} (0.9999)",
+    "train.warmup_epochs": f"{AUTHORS} (15 local epochs)",
+    "train.epochs_per_round": f"{AUTHORS} (100 local epochs a round)",
+    "train.rounds": f"{AUTHORS} (10 rounds)",
+    "agc.ratio": f"{PAPER} (r = 2 from scratch; 1.25 for Stable Diffusion fine-tuning)",
+    "agc.bank_decay": f"{AUTHORS} (beta = 0.8)",
+    "agc.bank_init": f"{PAPER} (0: nothing skipped at first)",
+    "agc.decide_before_backward": f"{MEMSHARD} (the prototype decides first; same decisions, tested)",
+    "msr.fraction": f"{PAPER} (p = 0.25)",
+    "msr.policy": f"{PAPER} (ring)",
+    "msr.every": f"{MEMSHARD} (the prototype: every other round)",
+    "msr.count": f"{MEMSHARD} (the prototype: shard)",
+    "msr.reset": f"{MEMSHARD} (the prototype: all)",
+    "taa.alpha": f"{PAPER} (a = 5)",
+    "taa.num_ops": f"{PROTOTYPE} (RandAugment num_ops = 2)",
+    "taa.max_magnitude": f"{PROTOTYPE} (int(mean(s) * 5))",
+    "taa.mode": f"{MEMSHARD} (the prototype: prototype)",
+    "taa.scale": f"{MEMSHARD} (the prototype: torchvision)",
+    "taa.per_sample": f"{MEMSHARD} (the spec allows it; the prototype: one batch level)",
+    "taa.queue_every": f"{PROTOTYPE} (8 in prototype mode)",
+    "proxy.update": f"{PAPER} (extrapolation off by default)",
+    "proxy.extrapolate_factor": f"{PAPER} (b = 2)",
+    "prss.guidance_scale": f"{PAPER} (7.5)",
+    "prss.lambda_ss": f"{PAPER} (1)",
+    "prss.lambda_pr": f"{PAPER} (3)",
+    "prss.tau": f"{PAPER} (5)",
+}
+
+
+def _described(model: type[BaseModel], values: dict[str, Any], depth: int, prefix: str = "") -> list[str]:
+    """YAML lines of ``values`` (a dump of ``model``), each key followed by its field's description
+    and, for an algorithm constant, where its default comes from (:data:`DEFAULT_SOURCES`)."""
     lines, pad = [], "  " * depth
     for key, value in values.items():
         field = model.model_fields.get(key)
         note = f"  # {' '.join(field.description.split())}" if field is not None and field.description else ""
+        source = DEFAULT_SOURCES.get(prefix + key)
+        if source is not None and field is not None:
+            default = field.get_default(call_default_factory=True)
+            note = f"{note or '  #'} [default {_flow(default)}: {source}]"
         sub = field.annotation if field is not None else None
         if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel) and value:
             lines.append(f"{pad}{key}:{note}")
-            lines += _described(sub, value, depth + 1)
+            lines += _described(sub, value, depth + 1, f"{prefix}{key}.")
         else:
-            flow = yaml.safe_dump([value], default_flow_style=True, width=10**6).strip()[1:-1]
-            lines.append(f"{pad}{key}: {flow}{note}")
+            lines.append(f"{pad}{key}: {_flow(value)}{note}")
     return lines
+
+
+def _flow(value: Any) -> str:
+    """One value as inline YAML."""
+    return yaml.safe_dump([value], default_flow_style=True, width=10**6).strip()[1:-1]
 
 
 # The switches each ``method`` sets (spec: baseline = plain training, one model, nothing skipped;

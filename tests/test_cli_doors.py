@@ -239,6 +239,13 @@ def test_config_show_describe_comments_every_documented_key(capsys):
     assert yaml.safe_load(text) == load_config("iet-agc-plus").to_dict()  # the comments change no value
     ratio = next(line for line in text.splitlines() if line.strip().startswith("ratio:"))
     assert "  # r: keep sample j iff" in ratio
+    # each algorithm constant says where its default comes from
+    assert "[default 2.0: paper (r = 2" in ratio
+    line = {ln.strip().split(":")[0]: ln for ln in text.splitlines() if ln.startswith("  ")}
+    assert "[default memshard: memshard (the prototype: torchvision)]" in line["scale"]
+    assert "[default 5.0: prototype" in line["max_magnitude"]
+    lr = next(ln for ln in text.splitlines() if ln.strip().startswith("lr:"))
+    assert "[default 0.0002: authors' code" in lr  # the preset sets 0.001; the comment still names the default
 
 
 def test_an_evaluation_says_its_cost_before_it_starts():
