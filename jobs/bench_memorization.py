@@ -483,9 +483,17 @@ def render(summary: dict[str, Any], plot_path: str) -> str:
     ev = summary["eval"]
     result = summary["frontier"]
     dev = summary["device"]
-    parts = [
+    command = (
         f"Command: `{summary['command']}` ({summary['date']}, {dev.get('gpu') or dev['cpu_model']}, "
-        f"{dev['cpu_count']} cores; {summary['elapsed_s'] / 60:.0f} min of work in all, summed over calls).",
+        f"{dev['cpu_count']} cores; {summary['elapsed_s'] / 60:.0f} min of work in all, summed over calls)."
+    )
+    earlier = {k: c for k, c in summary.get("measured_by", {}).items() if c != "this call"}
+    if earlier:
+        command += " Arms " + ", ".join(f"`{k}`" for k in earlier) + " are kept from an earlier call "
+        command += "(`--keep-published`: this call's plain training reproduced that call's checkpoint for checkpoint):"
+        command += " " + "; ".join(sorted({f"`{c}`" for c in earlier.values()})) + "."
+    parts = [
+        command,
         f"Data: {data_line}. Evaluation per checkpoint: {ev['num']} generations, {ev['steps']}-step DDIM (eta 0), "
         f"{ev['weights']} weights, same seeds for every arm; memorized = 1/3 rule over distinct training images "
         f"({ev['dedupe']} dedupe); FID against the training set as stored ({summary['fid_extractor']}).",
@@ -517,6 +525,43 @@ def publish(out: str, size: str, seed: int = 0) -> tuple[str, str]:
     return js, png
 
 
+def published_path(size: str, seed: int = 0) -> str:
+    return os.path.join(RESULTS_DIR, f"bench-memorization-{size}" + (f"-seed{seed}" if seed else "") + ".json")
+
+
+class KeepError(ValueError):
+    """--keep-published cannot reuse the published arms (they were measured under other conditions)."""
+
+
+def kept_arms(
+    published: dict[str, Any], keys: list[str], same_config: dict[str, bool], baseline: list[Checkpoint]
+) -> dict[str, list[Checkpoint]]:
+    """The published arms this call does not run, as checkpoints, if reusing them is sound.
+
+    Sound means: this call's baseline checkpoints equal the published ones figure for figure
+    (same data, seed, evaluation: training and evaluation are deterministic on one device
+    type), and this call's overrides would not change the kept arm's config
+    (``same_config``). Anything else raises :class:`KeepError` naming what differs.
+    """
+    rows = published["frontier"]["rows"]
+    pub_base = sorted((r["round"], r["fid"], r["memorized_fraction"]) for r in rows if r["arm"] == "baseline")
+    mine = sorted((p.round, p.fid, p.memorized_fraction) for p in baseline)
+    if pub_base != mine:
+        raise KeepError(
+            "this call's plain training does not reproduce the published one checkpoint for checkpoint "
+            f"({len(mine)} vs {len(pub_base)} checkpoints, or different FID / memorized fraction): run every arm"
+        )
+    fields = set(Checkpoint.__dataclass_fields__)
+    out: dict[str, list[Checkpoint]] = {}
+    for k in published["arms"]:
+        if k in keys:
+            continue
+        if not same_config.get(k, False):
+            raise KeepError(f"--set changes arm {k}'s config, so its published figures do not apply: run it too")
+        out[k] = [Checkpoint(**{f: v for f, v in r.items() if f in fields}) for r in rows if r["arm"] == k]
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -534,6 +579,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-factor", type=float, default=4.0, help="Arms train up to this x the baseline's steps.")
     parser.add_argument("--time-budget-s", type=float, default=None, help="Stop this call after about this long.")
     parser.add_argument("--publish", action="store_true", help="Copy summary.json and the plot to docs/results/.")
+    parser.add_argument(
+        "--keep-published",
+        action="store_true",
+        help="Take the arms not in --methods from the published summary (docs/results/), when this call's "
+        "baseline reproduces it exactly and --set leaves those arms' configs unchanged; their command is kept.",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Extra config override k=v.")
     parser.add_argument(
         "--size-set",
@@ -609,6 +660,26 @@ def main(argv: list[str] | None = None) -> int:
     points: dict[str, list[Checkpoint]] = {
         k: [checkpoint_from_metrics(k, m) for m in a.metrics.values()] for k, a in arms.items()
     }
+    published: dict[str, Any] = {}
+    measured_by = {k: "this call" for k in keys}
+    if args.keep_published:
+        with open(published_path(args.size, args.seed)) as fh:
+            published = json.load(fh)
+        same = {
+            k: method_config(size, m, data, args.overrides, args.seed, args.max_factor).to_dict()
+            == method_config(size, m, data, [], args.seed, args.max_factor).to_dict()
+            for k, m in METHODS.items()
+        }
+        try:
+            kept = kept_arms(published, keys, same, points["baseline"])
+        except KeepError as exc:
+            console.print(f"[red]--keep-published: {exc}[/red]")
+            return 2
+        points.update(kept)
+        for k in kept:
+            measured_by[k] = published.get("measured_by", {}).get(k, published["command"])
+        console.print(f"kept from {published_path(args.size, args.seed)}: {', '.join(kept) or 'nothing'}")
+        keys = [k for k in METHODS if k in points]
     result = build(points, "baseline")
     labels = {k: METHODS[k].label for k in keys}
     write_outputs(result, os.path.join(out, "frontier"), f"Memorization vs quality, size `{args.size}`", labels)
@@ -619,7 +690,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python jobs/bench_memorization.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
         "device": device_info("cuda" if size.gpus and _cuda() else "cpu"),
-        "elapsed_s": sum(a.timing["train_s"] + a.timing["eval_s"] for a in arms.values()),
+        "elapsed_s": sum(a.timing["train_s"] + a.timing["eval_s"] for a in arms.values())
+        + sum(published["arms"][k]["train_s"] + published["arms"][k]["eval_s"] for k in keys if k not in arms),
+        "measured_by": measured_by,
         "data": _data_summary(size, arms["baseline"]),
         "eval": opts.settings(),
         "fid_extractor": next(iter(arms["baseline"].metrics.values()))["fid_extractor"],
@@ -632,7 +705,9 @@ def main(argv: list[str] | None = None) -> int:
         "frontier": result,
         "matched": matched,
         "arms": {
-            k: {
+            k: published["arms"][k]
+            if k not in arms
+            else {
                 "label": METHODS[k].label,
                 "method": METHODS[k].method,
                 "shards": cfgs[k].shards.count,
@@ -647,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
             for k in keys
         },
     }
+    if args.overrides:
+        summary["overrides"] = list(args.overrides)
     _write_json(os.path.join(out, "summary.json"), summary)
     base_round = matched["baseline"]["round"]
     shutil.copyfile(os.path.join(out, "frontier", "frontier.png"), os.path.join(out, "frontier.png"))

@@ -151,3 +151,25 @@ def test_benchmark_end_to_end_on_duplicated_data_resumes_after_budget(ray_cluste
 def test_benchmarks_md_is_generated_from_the_committed_results():
     """Every published memorization figure comes from docs/results/*.json: the page is up to date with them."""
     assert load_job("benchmarks_md").main(["--check"]) == 0
+
+
+def test_keep_published_reuses_arms_only_when_the_baseline_reproduces():
+    """--keep-published: an arm measured earlier is kept only under the same conditions, never silently."""
+    from memshard.evaluation.metrics.frontier import Checkpoint
+
+    bench = _job()
+    published = json.load(open(bench.published_path("dup")))
+    rows = published["frontier"]["rows"]
+    fields = set(Checkpoint.__dataclass_fields__)
+    base = [Checkpoint(**{k: v for k, v in r.items() if k in fields}) for r in rows if r["arm"] == "baseline"]
+    same = dict.fromkeys(bench.METHODS, True)
+    kept = bench.kept_arms(published, ["baseline", "iet-agc-plus"], same, base)
+    assert sorted(kept) == ["agc", "iet", "iet-agc"]
+    assert [p.fid for p in kept["agc"]] == [r["fid"] for r in rows if r["arm"] == "agc"]
+    # a baseline that differs in one figure: nothing is kept
+    moved = [*base[:-1], Checkpoint(**{**base[-1].to_dict(), "memorized_fraction": base[-1].memorized_fraction + 0.01})]
+    with pytest.raises(bench.KeepError, match="does not reproduce"):
+        bench.kept_arms(published, ["baseline", "iet-agc-plus"], same, moved)
+    # an override that changes a kept arm's config: refused, naming the arm
+    with pytest.raises(bench.KeepError, match="arm agc"):
+        bench.kept_arms(published, ["baseline", "iet-agc-plus"], {**same, "agc": False}, base)
