@@ -648,6 +648,8 @@ def run_sweep(
     time_budget_s: float | None = None,
     baseline: list[str] | None = None,
     baseline_run: str | None = None,
+    reduction_factor: float | None = None,
+    eval_steps: int | None = None,
     verbose: int = 1,
 ) -> pd.DataFrame:
     """Run a sweep; returns the results table (also written to DIR/results.csv, plot to DIR/pareto.png).
@@ -671,6 +673,8 @@ def run_sweep(
         time_budget_s=time_budget_s,
         baseline=baseline,
         baseline_run=baseline_run,
+        reduction_factor=reduction_factor,
+        eval_steps=eval_steps,
     )
     out = out or default_sweep_dir(cfg)
     if not is_remote(out):

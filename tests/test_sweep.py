@@ -292,27 +292,20 @@ def test_frontier_sweep_config_and_baseline_config():
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_frontier_sweep_scores_trials_against_plain_training(ray_cluster, tmp_path):
+    """jobs/sweep_frontier.py --size ci: memshard sweep --metric frontier on a real local cluster, end to end."""
     from memshard.evaluation.metrics.frontier import Checkpoint, frontier_score
+    from tests.conftest import load_job
 
+    job = load_job("sweep_frontier")
     out = str(tmp_path / "fs")
-    df = run_sweep(
-        "demo",
-        ["agc.ratio=grid(1.2, 3.0)"],
-        1,
-        out,
-        SWEEP_SET,
-        metric="frontier",
-        scheduler="fifo",
-        eval_num=8,
-        baseline=["train.rounds=3"],
-        verbose=0,
-    )
+    assert job.main(["--size", "ci", "--out", out]) == 0
     on_disk = pd.read_csv(f"{out}/{RESULTS_CSV}")
-    assert len(on_disk) == len(df) == 2 and (on_disk["status"] == "completed").all()
+    assert len(on_disk) == 2 and sorted(on_disk["taa.scale"]) == ["memshard", "torchvision"]
+    assert set(on_disk["status"]) <= {"completed", "stopped"} and (on_disk["status"] == "completed").any()
     points = pd.read_csv(f"{out}/{POINTS_CSV}")
     base = points[points["arm"] == "baseline"]
     assert sorted(base["round"]) == [1, 2, 3]  # plain training trained and evaluated once, every checkpoint
-    assert sorted(p.name for p in (Path(out) / "baseline" / "eval" / "sweep").iterdir() if p.name.startswith("round"))
+    assert len(list((Path(out) / "baseline" / "eval" / "sweep").glob("round-*"))) == 3
     fields = set(Checkpoint.__dataclass_fields__)
 
     def pts(frame):
@@ -321,7 +314,7 @@ def test_frontier_sweep_scores_trials_against_plain_training(ray_cluster, tmp_pa
     q = 1.05 * base["fid"].min()
     for row in on_disk.to_dict("records"):
         mine = points[points["arm"] == row["trial_id"]]
-        assert sorted(mine["round"]) == [1, 2]  # every round of the trial was evaluated
+        assert sorted(mine["round"]) == list(range(1, row["rounds_completed"] + 1))  # every round evaluated
         # the reported score is the frontier score of the stored evaluations, recomputed here
         want = frontier_score(pts(mine), pts(base), q)
         assert row["frontier"] == pytest.approx(want["frontier"]) and row["matched_fid_limit"] == pytest.approx(q)
@@ -330,3 +323,10 @@ def test_frontier_sweep_scores_trials_against_plain_training(ray_cluster, tmp_pa
     assert on_disk["pareto"].sum() >= 1
     with Image.open(f"{out}/{PARETO_PNG}") as img:
         assert img.format == "PNG" and img.size[0] > 100
+    # the job's summary: every trial, the baseline's frontier, the best trial by score, a table that says it
+    summary = json.loads((Path(out) / "summary.json").read_text())
+    assert len(summary["trials"]) == 2 and len(summary["baseline"]["checkpoints"]) == 3
+    assert summary["baseline"]["matched_fid"] == pytest.approx(q)
+    assert summary["best"]["frontier"] == pytest.approx(on_disk["frontier"].min())
+    text = job.render(summary, "x.png")
+    assert "| trial | scale |" in text and "best trial: `taa.scale=" in text and "Q = " in text
