@@ -529,20 +529,34 @@ def published_path(size: str, seed: int = 0) -> str:
     return os.path.join(RESULTS_DIR, f"bench-memorization-{size}" + (f"-seed{seed}" if seed else "") + ".json")
 
 
+def _plain_json(v: Any) -> Any:
+    """A value as JSON would give it back (tuples as lists), for comparing with a loaded summary."""
+    return json.loads(json.dumps(v))
+
+
 class KeepError(ValueError):
     """--keep-published cannot reuse the published arms (they were measured under other conditions)."""
 
 
 def kept_arms(
-    published: dict[str, Any], keys: list[str], same_config: dict[str, bool], baseline: list[Checkpoint]
+    published: dict[str, Any],
+    keys: list[str],
+    same_config: dict[str, bool],
+    baseline: list[Checkpoint],
+    size_config: dict[str, Any],
 ) -> dict[str, list[Checkpoint]]:
     """The published arms this call does not run, as checkpoints, if reusing them is sound.
 
     Sound means: this call's baseline checkpoints equal the published ones figure for figure
     (same data, seed, evaluation: training and evaluation are deterministic on one device
     type), and this call's overrides would not change the kept arm's config
-    (``same_config``). Anything else raises :class:`KeepError` naming what differs.
+    (``same_config``), and the size is the published one (``size_config``: ``--size-set``
+    changes every arm's schedule). Anything else raises :class:`KeepError` naming what differs.
     """
+    changed = sorted(k for k in {*size_config, *published["size_config"]}
+                     if _plain_json(size_config.get(k)) != _plain_json(published["size_config"].get(k)))  # fmt: skip
+    if changed:
+        raise KeepError(f"this call's size differs from the published one in {', '.join(changed)}: run every arm")
     rows = published["frontier"]["rows"]
     pub_base = sorted((r["round"], r["fid"], r["memorized_fraction"]) for r in rows if r["arm"] == "baseline")
     mine = sorted((p.round, p.fid, p.memorized_fraction) for p in baseline)
@@ -671,7 +685,8 @@ def main(argv: list[str] | None = None) -> int:
             for k, m in METHODS.items()
         }
         try:
-            kept = kept_arms(published, keys, same, points["baseline"])
+            size_config = {k: v for k, v in dataclasses.asdict(size).items() if k != "notes"}
+            kept = kept_arms(published, keys, same, points["baseline"], size_config)
         except KeepError as exc:
             console.print(f"[red]--keep-published: {exc}[/red]")
             return 2

@@ -163,13 +163,22 @@ def test_keep_published_reuses_arms_only_when_the_baseline_reproduces():
     fields = set(Checkpoint.__dataclass_fields__)
     base = [Checkpoint(**{k: v for k, v in r.items() if k in fields}) for r in rows if r["arm"] == "baseline"]
     same = dict.fromkeys(bench.METHODS, True)
-    kept = bench.kept_arms(published, ["baseline", "iet-agc-plus"], same, base)
+    size = published["size_config"]
+    kept = bench.kept_arms(published, ["baseline", "iet-agc-plus"], same, base, size)
     assert sorted(kept) == ["agc", "iet", "iet-agc"]
     assert [p.fid for p in kept["agc"]] == [r["fid"] for r in rows if r["arm"] == "agc"]
     # a baseline that differs in one figure: nothing is kept
     moved = [*base[:-1], Checkpoint(**{**base[-1].to_dict(), "memorized_fraction": base[-1].memorized_fraction + 0.01})]
     with pytest.raises(bench.KeepError, match="does not reproduce"):
-        bench.kept_arms(published, ["baseline", "iet-agc-plus"], same, moved)
+        bench.kept_arms(published, ["baseline", "iet-agc-plus"], same, moved, size)
     # an override that changes a kept arm's config: refused, naming the arm
     with pytest.raises(bench.KeepError, match="arm agc"):
-        bench.kept_arms(published, ["baseline", "iet-agc-plus"], {**same, "agc": False}, base)
+        bench.kept_arms(published, ["baseline", "iet-agc-plus"], {**same, "agc": False}, base, size)
+    # --size-set shard_steps=60 changes every sharded arm's schedule: nothing is kept
+    with pytest.raises(bench.KeepError, match="shard_steps"):
+        bench.kept_arms(published, ["baseline", "iet-agc-plus"], same, base, {**size, "shard_steps": 60})
+    # the size as this call builds it (a dataclass, tuples and all) equals the published one
+    import dataclasses
+
+    mine = {k: v for k, v in dataclasses.asdict(bench.SIZES["dup"]).items() if k != "notes"}
+    assert bench.kept_arms(published, ["baseline", "iet-agc-plus"], same, base, mine).keys() == kept.keys()
