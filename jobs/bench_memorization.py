@@ -601,6 +601,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Extra config override k=v.")
     parser.add_argument(
+        "--arm-set",
+        dest="arm_overrides",
+        action="append",
+        default=[],
+        metavar="ARM:KEY=VALUE",
+        help="An override of one arm only (e.g. iet-agc-plus:train.lr=0.004); --set changes every arm.",
+    )
+    parser.add_argument(
         "--size-set",
         action="append",
         default=[],
@@ -609,6 +617,15 @@ def main(argv: list[str] | None = None) -> int:
         "for calibration and tests.",
     )
     args = parser.parse_args(argv)
+    per_arm: dict[str, list[str]] = {}
+    for item in args.arm_overrides:
+        arm, sep, kv = item.partition(":")
+        if not sep or arm not in METHODS or "=" not in kv:
+            parser.error(f"--arm-set {item!r}: expected ARM:KEY=VALUE with ARM one of {', '.join(METHODS)}")
+        per_arm.setdefault(arm, []).append(kv)
+
+    def extra(k: str) -> list[str]:
+        return [*args.overrides, *per_arm.get(k, [])]
 
     size = _with_fields(SIZES[args.size], args.size_set, parser)
     keys = [k.strip() for k in args.methods.split(",") if k.strip()]
@@ -632,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = None if args.time_budget_s is None else t_call + args.time_budget_s
     # validate every arm's config before any work (the data path is filled in once prepared)
     for k in keys:
-        method_config(size, METHODS[k], "/dev/null" if data_src else None, args.overrides, args.seed, args.max_factor)
+        method_config(size, METHODS[k], "/dev/null" if data_src else None, extra(k), args.seed, args.max_factor)
     opts = EvalOptions(
         num=args.num or size.num_samples,
         steps=args.eval_steps,
@@ -641,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration_images=size.calibration_images,
     )
     data = data_file(size, out, data_src)
-    cfgs = {k: method_config(size, METHODS[k], data, args.overrides, args.seed, args.max_factor) for k in keys}
+    cfgs = {k: method_config(size, METHODS[k], data, extra(k), args.seed, args.max_factor) for k in keys}
     connect(cfgs["baseline"])
     arms = {
         k: Arm(
@@ -680,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(published_path(args.size, args.seed)) as fh:
             published = json.load(fh)
         same = {
-            k: method_config(size, m, data, args.overrides, args.seed, args.max_factor).to_dict()
+            k: method_config(size, m, data, extra(k), args.seed, args.max_factor).to_dict()
             == method_config(size, m, data, [], args.seed, args.max_factor).to_dict()
             for k, m in METHODS.items()
         }

@@ -79,6 +79,9 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit) as e:
         job.main(["--size-set", "nonsense=3"])
     assert e.value.code == 2 and "not a size field" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        job.main(["--arm-set", "nope:train.lr=0.1"])
+    assert e.value.code == 2 and "ARM:KEY=VALUE" in capsys.readouterr().err
 
 
 @pytest.mark.ray
