@@ -268,6 +268,11 @@ def method_config(
     size: Size, method: Method, data: str | None, extra: list[str], seed: int, max_factor: float = 4.0
 ) -> MemshardConfig:
     """The config of one arm; one-model arms take all the resources, sharded arms split them."""
+    return load_config(size.preset, [*arm_overrides(size, method, data, seed, max_factor), *extra])
+
+
+def arm_overrides(size: Size, method: Method, data: str | None, seed: int, max_factor: float = 4.0) -> list[str]:
+    """The overrides of ``size.preset`` that make one arm (also the frontier sweep's trials and baseline)."""
     k = size.shards if method.sharded else 1
     steps = size.shard_steps if method.sharded else size.base_steps
     overrides = [
@@ -284,7 +289,7 @@ def method_config(
     ]
     if data is not None:
         overrides += ["data.source=null", f"data.path={data}"]
-    return load_config(size.preset, [*overrides, *extra])
+    return overrides
 
 
 # --------------------------------------------------------------------------- one arm

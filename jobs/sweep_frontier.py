@@ -33,25 +33,34 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
-from memshard.runtime.machine import device_info
-from memshard.runtime.progress import console
-from memshard.sweep import PARETO_PNG, POINTS_CSV, RESULTS_CSV, run_sweep
-
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, ROOT)
+
+from jobs.bench_memorization import METHODS, arm_overrides, data_file  # noqa: E402
+from jobs.bench_memorization import SIZES as BENCH_SIZES  # noqa: E402
+from memshard.config import load_config  # noqa: E402
+from memshard.runtime.machine import device_info  # noqa: E402
+from memshard.runtime.progress import console  # noqa: E402
+from memshard.sweep import PARETO_PNG, POINTS_CSV, RESULTS_CSV, run_sweep  # noqa: E402
+
 RESULTS_DIR = os.path.join(ROOT, "docs", "results")
 
 
 @dataclass(frozen=True)
 class SweepSize:
-    """A sweep size: the trials' config, plain training's overrides, the space and the budget."""
+    """A sweep size: the trials' config, plain training's overrides, the space and the budget.
 
-    config: tuple[str, ...]  # overrides of the demo preset for every trial
-    baseline: tuple[str, ...]  # overrides of plain training (method=baseline is applied first)
+    ``bench`` names a size of jobs/bench_memorization.py: the trials are then its IET-AGC+ arm
+    and plain training its baseline arm, built by the benchmark's own :func:`arm_overrides` on
+    its prepared data, so ``--baseline-run`` can reuse the benchmark's plain training as is.
+    Otherwise ``config`` and ``baseline`` are overrides of the demo preset.
+    """
+
     params: dict[str, str]
     samples: int
     grace_period: int
@@ -59,26 +68,18 @@ class SweepSize:
     eval_num: int
     eval_steps: int
     time_budget_s: float
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    bench: str | None = None
+    max_factor: float = 4.0  # with ``bench``: trials train up to this x plain training's steps (its --max-factor)
+    config: tuple[str, ...] = ()  # overrides of the demo preset for every trial (no ``bench``)
+    baseline: tuple[str, ...] = ()  # overrides of plain training (method=baseline is applied first)
 
 
-# The levers the analysis points at (BENCHMARKS.md, "Why IET-AGC+ misses"): its copies fall, but its
-# quality falls short of Q, so the space is mostly what costs quality: augmentation strength (alpha,
-# the prototype's amplitude scale and queue mode), how much MSR moves, the learning rate.
-_DUP_DATA = ("data.limit=500", "data.duplicate=10x30", "train.batch_size=64")
+# What the benchmark's analysis points at: IET-AGC+'s copies fall, but its quality falls short of Q,
+# so the space is mostly what costs quality: the augmentation (mode, scale) and the learning rate.
+# Grids, not random choices: the first dup sweep's random draws repeated a setting (BENCHMARKS.md).
 SIZES: dict[str, SweepSize] = {
     "dup": SweepSize(
-        config=(
-            *_DUP_DATA,
-            "method=iet-agc-plus",
-            "shards.count=4",
-            "train.steps_per_round=300",
-            "train.rounds=8",
-            "resources.cpus_per_shard=0.5",
-            "logging.progress=false",
-        ),
-        baseline=("train.steps_per_round=240", "train.rounds=10", "resources.cpus_per_shard=2"),
-        # a grid, not random choices: the first sweep's random draws repeated a setting (BENCHMARKS.md)
+        bench="dup",
         params={
             "taa.mode": "grid(inline, queue, prototype)",
             "taa.scale": "grid(memshard, torchvision)",
@@ -92,23 +93,10 @@ SIZES: dict[str, SweepSize] = {
         time_budget_s=3300,
     ),
     "cpu": SweepSize(
-        config=(
-            "data.limit=100",
-            "train.batch_size=64",
-            "method=iet-agc-plus",
-            "shards.count=4",
-            "train.steps_per_round=188",
-            "train.rounds=8",
-            "resources.cpus_per_shard=0.5",
-            "logging.progress=false",
-        ),
-        baseline=("train.steps_per_round=376", "train.rounds=8", "resources.cpus_per_shard=2"),
-        params={
-            "shards.count": "choice(2, 4)",
-            "taa.alpha": "choice(5, 20)",
-            "train.lr": "choice(0.001, 0.002)",
-        },
-        samples=6,
+        bench="cpu",
+        max_factor=2.0,  # as the published cpu benchmark
+        params={"taa.alpha": "grid(5, 20)", "train.lr": "grid(0.001, 0.002)"},
+        samples=1,
         grace_period=2,
         reduction_factor=3,
         eval_num=128,
@@ -140,6 +128,26 @@ SIZES: dict[str, SweepSize] = {
 }
 
 
+def trial_configs(size: SweepSize, out: str, data: str | None) -> tuple[list[str], list[str]]:
+    """(the trials' overrides of the demo preset, plain training's overrides of a trial's config)."""
+    if size.bench is None:
+        config = list(size.config)
+        if data is not None:
+            config += ["data.source=null", f"data.path={os.path.abspath(data)}"]
+        return config, list(size.baseline)
+    bench = BENCH_SIZES[size.bench]
+    path = os.path.abspath(data) if data is not None else data_file(bench, out, None)
+    config = arm_overrides(bench, METHODS["iet-agc-plus"], path, seed=0, max_factor=size.max_factor)
+    plain = load_config(bench.preset, arm_overrides(bench, METHODS["baseline"], path, seed=0))
+    baseline = [
+        f"train.steps_per_round={plain.train.steps_per_round}",
+        f"train.rounds={plain.train.rounds}",
+        f"resources.cpus_per_shard={plain.resources.cpus_per_shard:g}",
+        f"resources.gpus_per_shard={plain.resources.gpus_per_shard:g}",
+    ]
+    return config, baseline
+
+
 def _num(v: Any) -> Any:
     """JSON-safe: NaN -> None, numpy scalars -> Python."""
     if hasattr(v, "item"):
@@ -147,10 +155,19 @@ def _num(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def summarize(df: pd.DataFrame, points: pd.DataFrame, size: SweepSize, command: str, elapsed: float) -> dict[str, Any]:
+def summarize(
+    df: pd.DataFrame,
+    points: pd.DataFrame,
+    size: SweepSize,
+    config: list[str],
+    baseline: list[str],
+    command: str,
+    elapsed: float,
+) -> dict[str, Any]:
     """The machine-readable summary: every trial, plain training's frontier, the best trial."""
     base = points[points["arm"] == "baseline"].sort_values("round")
-    q = 1.05 * float(base["fid"].min())
+    scored_q = df["matched_fid_limit"].dropna() if "matched_fid_limit" in df else pd.Series(dtype=float)
+    q = float(scored_q.iloc[0]) if len(scored_q) else None  # Q as the sweep scored the trials (None: no trial)
     keep = ["trial_id", "status", "rounds_completed", *size.params, "frontier", "reached", "matched_memorized",
             "early_stopping", "vs_early_stopping_rel", "fid", "memorized_fraction", "round_chosen",
             "duplicated_copied", "last_fid", "last_memorized", "skip_rate", "pareto"]  # fmt: skip
@@ -163,8 +180,8 @@ def summarize(df: pd.DataFrame, points: pd.DataFrame, size: SweepSize, command: 
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
         "device": device_info("cpu"),
         "elapsed_s": elapsed,
-        "config": list(size.config),
-        "baseline_overrides": list(size.baseline),
+        "config": config,
+        "baseline_overrides": baseline,
         "params": size.params,
         "scheduler": {"name": "asha", "grace_period": size.grace_period, "reduction_factor": size.reduction_factor},
         "eval": {"num": size.eval_num, "steps": size.eval_steps},
@@ -223,13 +240,14 @@ def render(summary: dict[str, Any], plot_path: str) -> str:
         else:
             verdict = f"best trial: {values}: no trial reached Q; the closest ended at FID {best['fid']:.2f}"
     ev = summary["eval"]
+    q_text = "n/a" if b["matched_fid"] is None else f"{b['matched_fid']:.2f}"
     parts = [
         f"Command: `{summary['command']}` ({summary['date']}, {summary['device']['cpu_count']} cores, "
         f"{summary['elapsed_s'] / 60:.0f} min). Trials: `{' '.join(summary['config'])}`; ASHA on the frontier "
         f"score (grace {summary['scheduler']['grace_period']} rounds, reduction "
         f"{summary['scheduler']['reduction_factor']:g}); every round evaluated with {ev['num']} generations of "
         f"{ev['steps']} DDIM steps. Plain training: {len(b['checkpoints'])} checkpoints, best FID "
-        f"{b['best_fid']:.2f}, so Q = {b['matched_fid']:.2f}. Score = memorized fraction at Q minus E(Q) "
+        f"{b['best_fid']:.2f}, so Q = {q_text}. Score = memorized fraction at Q minus E(Q) "
         "(negative: below plain training's early-stopping frontier), or 1 + the FID shortfall while Q is not "
         "reached.",
         "\n".join(lines),
@@ -258,12 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     size = SIZES[args.size]
     out = os.path.abspath(args.out or os.path.join("runs", f"sweep-frontier-{args.size}"))
     command = "python jobs/sweep_frontier.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    config = list(size.config)
-    if args.data is not None:
-        if not os.path.exists(args.data):
-            parser.error(f"--data {args.data} does not exist")
-        config = [c for c in config if not c.startswith(("data.limit=", "data.duplicate="))]
-        config += ["data.source=null", f"data.path={os.path.abspath(args.data)}"]
+    if args.data is not None and not os.path.exists(args.data):
+        parser.error(f"--data {args.data} does not exist")
+    config, baseline = trial_configs(size, out, args.data)
     t0 = time.perf_counter()
     df = run_sweep(
         "demo",
@@ -277,14 +292,13 @@ def main(argv: list[str] | None = None) -> int:
         max_concurrent=1,
         eval_num=size.eval_num,
         time_budget_s=args.time_budget_s or size.time_budget_s,
-        baseline=list(size.baseline),
+        baseline=baseline,
         baseline_run=args.baseline_run,
         reduction_factor=size.reduction_factor,
         eval_steps=size.eval_steps,
     )
     points = pd.read_csv(os.path.join(out, POINTS_CSV))
-    summary = summarize(df, points, size, command, time.perf_counter() - t0)
-    summary["config"] = config
+    summary = summarize(df, points, size, config, baseline, command, time.perf_counter() - t0)
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=1)
     console.print(render(summary, PARETO_PNG))

@@ -418,9 +418,7 @@ def plot_pareto(df: pd.DataFrame, evaluated: bool, params: list[str]) -> bytes:
         ax.scatter(x[front], y[front], c="tab:red", zorder=3, label="Pareto-optimal")
         order = np.argsort(x[front].to_numpy())
         ax.plot(x[front].to_numpy()[order], y[front].to_numpy()[order], c="tab:red", lw=1, zorder=2)
-        for i in np.flatnonzero(front.to_numpy()):
-            values = ", ".join(f"{k.split('.')[-1]}={_short(df[k].iloc[i])}" for k in params if k in df)
-            ax.annotate(values, (x.iloc[i], y.iloc[i]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        _label_front(ax, df, x, y, front, params)
     better = {"min": "lower is better", "max": "higher is better"}
     ax.set_xlabel(f"{xc} ({better[xd]})")
     ax.set_ylabel(f"{yc} ({better[yd]})")
@@ -428,6 +426,20 @@ def plot_pareto(df: pd.DataFrame, evaluated: bool, params: list[str]) -> bytes:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)
+    return _png(fig)
+
+
+def _label_front(ax: Any, df: pd.DataFrame, x: pd.Series, y: pd.Series, front: pd.Series, params: list[str]) -> None:
+    """Write each Pareto-optimal trial's swept values beside its point."""
+    for i in np.flatnonzero(front.to_numpy()):
+        values = ", ".join(f"{k.split('.')[-1]}={_short(df[k].iloc[i])}" for k in params if k in df)
+        ax.annotate(values, (x.iloc[i], y.iloc[i]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+
+
+def _png(fig: Any) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
@@ -513,20 +525,13 @@ def plot_frontier(df: pd.DataFrame, points: pd.DataFrame, frontier: Frontier, pa
         ax.scatter(df["fid"][~reached], df["memorized_fraction"][~reached], c="tab:orange", marker="x",
                    label="trial that never reached Q (its best FID)")  # fmt: skip
         ax.scatter(df["fid"][front], df["memorized_fraction"][front], c="tab:red", zorder=3, label="Pareto-optimal")
-        for i in np.flatnonzero(front.to_numpy()):
-            values = ", ".join(f"{k.split('.')[-1]}={_short(df[k].iloc[i])}" for k in params if k in df)
-            ax.annotate(values, (df["fid"].iloc[i], df["memorized_fraction"].iloc[i]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")  # fmt: skip
+        _label_front(ax, df, df["fid"], df["memorized_fraction"], front, params)
     ax.set_xlabel("FID (lower is better)")
     ax.set_ylabel("memorized fraction (lower is better)")
     ax.set_title(f"memshard sweep, frontier objective: {len(df)} trial(s)")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=7)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 # --------------------------------------------------------------------------- the sweep
