@@ -169,6 +169,17 @@ class PRSSConfig(_Section):
         return self
 
 
+def split_init_from(spec: str) -> tuple[str, int | None]:
+    """``RUN`` or ``RUN@ROUND`` -> (RUN, ROUND or None for the run's last committed round).
+
+    A trailing ``@`` followed by digits is the round; any other ``@`` stays in the path.
+    """
+    head, sep, tail = spec.rpartition("@")
+    if sep and tail.isdigit() and head:
+        return head, int(tail)
+    return spec, None
+
+
 class TrainConfig(_Section):
     """Local training of one proxy per round (spec section 1 defaults, CIFAR setting)."""
 
@@ -210,6 +221,12 @@ class TrainConfig(_Section):
         None, description="NHWC weights and inputs (faster convolutions on tensor cores). None = on CUDA only."
     )
     progress_every: int = Field(10, ge=1, description="Steps between progress reports to the coordinator.")
+    init_from: str | None = Field(
+        None,
+        description="Warm start: RUN or RUN@ROUND (local or s3://), a committed round of an earlier run whose raw and "
+        "EMA weights become this run's round 0 (default round: its last). The proxies then start from a common, "
+        "briefly pre-trained model instead of random weights. Its steps count in this run's (train_steps).",
+    )
     max_nonfinite_steps: int = Field(
         10,
         ge=0,
@@ -217,6 +234,16 @@ class TrainConfig(_Section):
         "change) and counted per proxy over the whole run; once a proxy has skipped more than this many, training "
         "stops with an error naming the shard, round and offending sample ids (checked every progress_every steps).",
     )
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        path, _ = split_init_from(v.strip())
+        if not path or path.endswith("@"):
+            raise ValueError(f"train.init_from={v!r}: expected RUN or RUN@ROUND (a run directory, optional round)")
+        return v.strip()
 
 
 class AGCConfig(_Section):

@@ -58,7 +58,7 @@ from memshard.evaluation.metrics import (
     memorization_report,
 )
 from memshard.evaluation.metrics.dedupe import NEAR_THRESHOLD, ReferenceGroups, copies_by_multiplicity, group_reference
-from memshard.io.rundir import RunDir, round_name, table_bytes
+from memshard.io.rundir import RunDir, round_name, table_bytes, training_through
 from memshard.models.sampling import ddim_sample, grid, load_served_unet, to_uint8
 from memshard.runtime.progress import Stage, console
 from memshard.runtime.tasks import remote_call
@@ -489,15 +489,6 @@ def _most_copied_grid(
     return Image.open(buf).convert("RGB")
 
 
-def _training_so_far(manifest: dict[str, Any], r: int) -> dict[str, float]:
-    """Optimizer steps (all shards) and training wall time up to and including round r."""
-    rounds = [s for s in manifest.get("rounds", []) if int(s["round"]) <= r]
-    return {
-        "train_steps": int(sum(s["steps"] for s in rounds)),
-        "train_wall_s": float(sum(s["round_s"] for s in rounds)),
-    }
-
-
 def evaluate_weights(
     run_uri: str, manifest: dict[str, Any], opts: EvalOptions, ref: Reference, round_id: int | None, out_rel: str
 ) -> dict[str, Any]:
@@ -544,7 +535,7 @@ def evaluate_weights(
         "fid_distinct": fid_distinct,
         "reference": ref.to_dict(),
         "duplicates": copies_by_multiplicity(groups, nn_group, mem.memorized),
-        **_training_so_far(manifest, r),
+        **training_through(manifest, r),
         "method": cfg.method,
         "eval": opts.settings(),
     }

@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -208,6 +209,57 @@ class RunDir:
                 stem = name.removeprefix("round-").removeprefix("ledger-").removesuffix(".parquet")
                 if stem.isdigit() and int(stem) > committed:
                     self.store.remove(f"{sub}/{name}")
+
+
+def training_through(manifest: dict[str, Any], r: int) -> dict[str, float]:
+    """Optimizer steps (all shards) and training wall time up to and including round r.
+
+    A warm-started run (``train.init_from``) counts the steps and time of the weights it started
+    from (manifest ``init``): its round 0 is not free, and comparisons in steps must see that.
+    """
+    init = manifest.get("init") or {}
+    rounds = [s for s in manifest.get("rounds", []) if int(s["round"]) <= r]
+    return {
+        "train_steps": int(init.get("steps", 0)) + int(sum(s["steps"] for s in rounds)),
+        "train_wall_s": float(init.get("wall_s", 0.0)) + float(sum(s["round_s"] for s in rounds)),
+    }
+
+
+@dataclass
+class WarmStart:
+    """Round-0 weights taken from a committed round of an earlier run (``train.init_from``)."""
+
+    uri: str
+    round: int
+    raw: StateDict
+    ema: StateDict | None
+    steps: int
+    wall_s: float
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {"from": self.uri, "round": self.round, "steps": self.steps, "wall_s": self.wall_s}
+
+
+def load_warm_start(spec: str, uri: str, round_id: int | None, expected: Shapes) -> WarmStart:
+    """The weights ``spec`` (RUN or RUN@ROUND, split into ``uri`` and ``round_id``) names, checked.
+
+    Raises ValueError naming the problem (no run there, a round it has not committed, weights of
+    another model) so that a bad warm start is refused before any training.
+    """
+    src = RunDir(uri)
+    manifest = src.manifest()
+    if manifest is None:
+        raise ValueError(f"train.init_from={spec!r}: {uri} holds no run (no {MANIFEST})")
+    done = int(manifest["rounds_completed"])
+    r = done if round_id is None else round_id
+    if r > done:
+        raise ValueError(f"train.init_from={spec!r}: that run has committed {done} round(s), not round {r}")
+    try:
+        raw, ema = src.load_weights(r, expected=expected)
+    except ValueError as exc:
+        raise ValueError(f"train.init_from={spec!r}: {exc}") from None
+    so_far = training_through(manifest, r)
+    return WarmStart(uri, r, raw, ema, int(so_far["train_steps"]), float(so_far["train_wall_s"]))
 
 
 def json_default(obj: Any) -> Any:

@@ -41,14 +41,14 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from memshard.config import MemshardConfig, build_config
+from memshard.config import MemshardConfig, build_config, split_init_from
 from memshard.data import prepare
 from memshard.data.conditioning import build_caches
 from memshard.data.ingest import Ingested, check_dataset, format_bad, ingest
 from memshard.data.prepare import parse_duplicate
 from memshard.iet.proxy import steps_for
 from memshard.iet.schedule import starts_from_own_weights
-from memshard.io.rundir import RunDir, table_bytes
+from memshard.io.rundir import RunDir, WarmStart, load_warm_start, table_bytes
 from memshard.io.storage import S3Access, access_installed
 from memshard.models.unet import build_scheduler, build_unet, unet_config, unet_shapes
 from memshard.runtime.actors import ShardActor, aggregate_round
@@ -158,10 +158,27 @@ def _prepare_data(cfg: MemshardConfig, workdir: str, in_process: bool = False) -
     return cfg.data.path, ingest(cfg, cfg.data.path, in_process=in_process)
 
 
+def warm_start(cfg: MemshardConfig) -> WarmStart | None:
+    """The round-0 weights ``train.init_from`` names, checked against the config's UNet (RunError if bad)."""
+    if cfg.train.init_from is None:
+        return None
+    uri, round_id = split_init_from(cfg.train.init_from)
+    try:
+        return load_warm_start(cfg.train.init_from, uri, round_id, unet_shapes(cfg))
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise RunError(str(exc)) from None
+
+
 def _create_run(
-    cfg: MemshardConfig, run: RunDir, data_local: str, ingested: Ingested, coordinator: Any, in_process: bool = False
+    cfg: MemshardConfig,
+    run: RunDir,
+    data_local: str,
+    ingested: Ingested,
+    coordinator: Any,
+    in_process: bool = False,
+    init: WarmStart | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """Write round 0 (data copy, initial split, initial weights) and the manifest."""
+    """Write round 0 (data copy, initial split, initial or warm-start weights) and the manifest."""
     data_uri = ingested.uri
     if cfg.data.source is not None:
         with open(data_local, "rb") as fh:
@@ -172,10 +189,15 @@ def _create_run(
         run.store.write_bytes("bad_rows.parquet", table_bytes({"id": ids, "reason": [r for _, r in ingested.bad]}))
     caches = build_caches(cfg, data_uri, ingested.ids, in_process=in_process)
     sizes = ray.get(coordinator.initial_assignment.remote(ingested.ids, ingested.labels, cfg.shards.policy, cfg.seed))
-    torch.manual_seed(cfg.seed)
-    unet = build_unet(cfg)
-    raw = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    run.save_weights(0, raw, raw if cfg.train.ema else None)
+    if init is not None:  # the source's EMA when it kept one (the model it would serve), else its raw weights
+        raw = init.raw
+        ema = (init.ema if init.ema is not None else init.raw) if cfg.train.ema else None
+    else:
+        torch.manual_seed(cfg.seed)
+        unet = build_unet(cfg)
+        raw = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        ema = raw if cfg.train.ema else None
+    run.save_weights(0, raw, ema)
     manifest = {
         "config": cfg.to_dict(),
         "data_uri": data_uri,
@@ -187,6 +209,8 @@ def _create_run(
         "rounds": [],
         "created": time.time(),
     }
+    if init is not None:
+        manifest["init"] = init.manifest_entry()
     run.write_manifest(manifest)
     return data_uri, manifest
 
@@ -280,6 +304,7 @@ def _train(
         raise RunError(f"model: {exc}") from None
     if not resume and cfg.data.path is not None:
         check_dataset(cfg, cfg.data.path)  # before the cluster's start-up, which takes seconds to minutes
+    init = None if resume else warm_start(cfg)
     connect(cfg)
     need = shard_resources(cfg)
     check_resources(cfg, need)
@@ -302,7 +327,9 @@ def _train(
                 if ingested.bad:
                     bad = format_bad(ingested.bad)
                     console.print(f"[yellow]dropped {len(ingested.bad)} bad row(s):[/yellow]\n{bad}")
-                data_uri, manifest = _create_run(cfg, run, data_local, ingested, coordinator, in_process=in_process)
+                data_uri, manifest = _create_run(
+                    cfg, run, data_local, ingested, coordinator, in_process=in_process, init=init
+                )
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
         else:
