@@ -401,6 +401,24 @@ def run_arm(arm: Arm, opts: EvalOptions, q: float | None, cap: int, deadline: fl
 # --------------------------------------------------------------------------- analysis
 
 
+def _augmented_visits(run: RunDir, ids: np.ndarray, upto_round: int) -> np.ndarray:
+    """Per id, visits trained in TAA's augmented form over rounds 1..upto_round (0 without TAA).
+
+    Read from the run's statistics rather than the evaluation's per-sample table, so evaluations
+    stored before that table had the column are reused as they are.
+    """
+    pos = {int(i): j for j, i in enumerate(ids.tolist())}
+    out = np.zeros(len(ids), np.float64)
+    for r in range(1, upto_round + 1):
+        t = run.read_stats(r)
+        if "augmented" not in t.column_names:
+            continue
+        idx = np.array([pos.get(int(i), -1) for i in t.column("id").to_numpy()])
+        ok = idx >= 0
+        np.add.at(out, idx[ok], t.column("augmented").to_numpy()[ok])
+    return out
+
+
 def analyse(arm: Arm, round_id: int) -> dict[str, Any]:
     """The link between training statistics and outcome, up to the arm's matched checkpoint.
 
@@ -422,16 +440,19 @@ def analyse(arm: Arm, round_id: int) -> dict[str, Any]:
     with open(os.path.join(arm.run_dir, "run.json")) as fh:
         manifest = json.load(fh)
     rounds = [s for s in manifest["rounds"] if s["round"] <= round_id]
+    augmented = _augmented_visits(RunDir(arm.run_dir), np.asarray(t["id"]), round_id)
 
     def part(mask: np.ndarray) -> dict[str, float | int | None]:
         if not mask.any():
-            return {"rows": 0, "skip_rate": None, "mean_loss_ratio": None, "migrations_per_row": None}
+            return {"rows": 0, "skip_rate": None, "mean_loss_ratio": None, "migrations_per_row": None,
+                    "augmented_rate": None}  # fmt: skip
         r = ratio[mask]
         return {
             "rows": int(mask.sum()),
             "skip_rate": float(skips[mask].sum() / max(visits[mask].sum(), 1)),
             "mean_loss_ratio": float(np.nanmean(r)) if np.isfinite(r).any() else None,
             "migrations_per_row": float(moves[mask].mean()),
+            "augmented_rate": float(augmented[mask].sum() / max(visits[mask].sum(), 1)),
         }
 
     return {
@@ -452,10 +473,14 @@ def analysis_table(summary: dict[str, Any]) -> str:
     arms = summary["arms"]
     split = next(iter(arms.values()))["analysis"]["split"]
     a_in, a_out = split.split(" vs ")
+    # TAA's share of visits trained augmented: only in summaries measured since it was recorded
+    taa = any("augmented_rate" in a["analysis"]["in"] for a in arms.values())
     lines = [
         f"| arm | skip rate: {a_in} | {a_out} | loss ratio l/m[t]: {a_in} | {a_out} | "
-        f"migrations per row: {a_in} | {a_out} | run skip rate |",
-        "|---|---|---|---|---|---|---|---|",
+        f"migrations per row: {a_in} | {a_out} | "
+        + (f"augmented per visit: {a_in} | {a_out} | " if taa else "")
+        + "run skip rate |",
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if taa else ""),
     ]
 
     def f(x: float | None, pct: bool = False) -> str:
@@ -469,7 +494,8 @@ def analysis_table(summary: dict[str, Any]) -> str:
             f"| {a['label']} | {f(an['in']['skip_rate'], True)} | {f(an['out']['skip_rate'], True)} | "
             f"{f(an['in']['mean_loss_ratio'])} | {f(an['out']['mean_loss_ratio'])} | "
             f"{f(an['in']['migrations_per_row'])} | {f(an['out']['migrations_per_row'])} | "
-            f"{f(an['skip_rate'], True)} |"
+            + (f"{f(an['in'].get('augmented_rate'), True)} | {f(an['out'].get('augmented_rate'), True)} | " * taa)
+            + f"{f(an['skip_rate'], True)} |"
         )
     return "\n".join(lines)
 

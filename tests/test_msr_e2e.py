@@ -4,19 +4,21 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from memshard.cli import main as cli_main
 from memshard.config import load_config
+from memshard.evaluation.evaluate import per_sample_table
 from memshard.evaluation.report import report
 from memshard.iet.msr import SkipLedger
 from memshard.io.rundir import RunDir
 from memshard.runtime.coordinator import migrate
 from memshard.runtime.driver import train
 from memshard.seeds import round_seed
-from tests.conftest import TINY
+from tests.conftest import TINY, load_job
 
 pytestmark = pytest.mark.ray
 
@@ -81,6 +83,16 @@ def test_augmentation_is_recorded(plus_run):
     s = stats["mean_strength"].dropna()
     assert len(s) and s.between(0, 1).all()
     assert outcome.manifest["rounds"][1]["augmented"] == stats["augmented"].sum()
+
+    # per training id, over rounds 1-2: the evaluation's per-sample table and the benchmark's analysis
+    run = RunDir(out)
+    by_id = pd.concat([run.read_stats(r).to_pandas() for r in (1, 2)]).groupby("id")["augmented"].sum()
+    ids = np.array(sorted(by_id.index), dtype=np.int64)
+    want = by_id.loc[ids].to_numpy()
+    assert want.sum() > 0 and len(np.unique(want)) > 1  # counts differ by sample, so the id order matters
+    table = per_sample_table(run, run.manifest(), ids, np.zeros(4, np.int64), np.zeros(4, bool), upto_round=2)
+    assert np.array_equal(table["augmented"], want)
+    assert np.array_equal(load_job("bench_memorization")._augmented_visits(run, ids[::-1], 2), want[::-1])
 
 
 def test_report_writes_table_and_plots(plus_run, capsys):

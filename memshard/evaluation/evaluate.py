@@ -410,6 +410,7 @@ def per_sample_table(
     mem_count = g_mem[groups.group]
     visits = np.zeros(n, np.int64)
     skips = np.zeros(n, np.int64)
+    augmented = np.zeros(n, np.int64)  # TAA: visits (or queued copies) trained in augmented form
     ratio_sum = np.zeros(n, np.float64)  # visit-weighted l / m[t]: how far below its timestep's average a loss is
     ratio_visits = np.zeros(n, np.int64)
     pos = {int(i): j for j, i in enumerate(train_ids.tolist())}
@@ -420,6 +421,8 @@ def per_sample_table(
         ok = idx >= 0
         np.add.at(visits, idx[ok], t.column("visits").to_numpy()[ok])
         np.add.at(skips, idx[ok], t.column("skips").to_numpy()[ok])
+        if "augmented" in t.column_names:
+            np.add.at(augmented, idx[ok], t.column("augmented").to_numpy()[ok])
         if "mean_ratio" in t.column_names:
             ratio = t.column("mean_ratio").to_numpy(zero_copy_only=False)[ok].astype(np.float64)
             v = t.column("visits").to_numpy()[ok]
@@ -444,6 +447,7 @@ def per_sample_table(
         "visits": visits,
         "skips": skips,
         "skip_rate": np.where(visits > 0, skips / np.maximum(visits, 1), np.nan),
+        "augmented": augmented,
         "mean_ratio": np.where(ratio_visits > 0, ratio_sum / np.maximum(ratio_visits, 1), np.nan),
         "migrations": moves,
     }
