@@ -21,6 +21,11 @@ Outputs: OUT/results.csv, OUT/points.csv, OUT/pareto.png (memshard sweep's), OUT
 from which ``python jobs/benchmarks_md.py`` regenerates BENCHMARKS.md's table.
 
     python jobs/sweep_frontier.py --size dup --out runs/sweep-dup --baseline-run runs/bench-dup/baseline
+
+``--param KEY=SPACE`` replaces or adds a dimension of the size's space; ``--warm-start 3,4`` adds
+``train.init_from`` = plain training's round 3 or 4 (a grid): the proxies start from that common
+model, and its steps count in every figure. ASHA's budget axis stays rounds, so at a rung a
+warm-started trial is compared with cold ones at the same number of its own rounds.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -46,7 +51,7 @@ from jobs.bench_memorization import SIZES as BENCH_SIZES  # noqa: E402
 from memshard.config import load_config  # noqa: E402
 from memshard.runtime.machine import device_info  # noqa: E402
 from memshard.runtime.progress import console  # noqa: E402
-from memshard.sweep import PARETO_PNG, POINTS_CSV, RESULTS_CSV, run_sweep  # noqa: E402
+from memshard.sweep import BASELINE_DIR, PARETO_PNG, POINTS_CSV, RESULTS_CSV, parse_param, run_sweep  # noqa: E402
 
 RESULTS_DIR = os.path.join(ROOT, "docs", "results")
 
@@ -148,6 +153,27 @@ def trial_configs(size: SweepSize, out: str, data: str | None) -> tuple[list[str
     return config, baseline
 
 
+def with_space(size: SweepSize, params: list[str], warm_start: str | None, plain_run: str) -> SweepSize:
+    """The size with ``--param`` dimensions replaced or added and ``--warm-start`` rounds as a grid."""
+    space = dict(size.params)
+    for item in params:
+        key, text = parse_param(item)
+        space[key] = text
+    if warm_start is not None:
+        rounds = [r.strip() for r in warm_start.split(",") if r.strip()]
+        if not rounds or not all(r.isdigit() and int(r) >= 1 for r in rounds):
+            raise ValueError(f"--warm-start {warm_start!r}: expected rounds of plain training, e.g. 3,4")
+        space["train.init_from"] = "grid(" + ", ".join(f"{os.path.abspath(plain_run)}@{r}" for r in rounds) + ")"
+    return replace(size, params=space)
+
+
+def _value(key: str, v: Any) -> str:
+    """A trial's value as the table shows it (a warm start by its run's name and round)."""
+    if key == "train.init_from" and isinstance(v, str):
+        return os.path.basename(v)
+    return str(v)
+
+
 def _num(v: Any) -> Any:
     """JSON-safe: NaN -> None, numpy scalars -> Python."""
     if hasattr(v, "item"):
@@ -218,7 +244,7 @@ def render(summary: dict[str, Any], plot_path: str) -> str:
         score = t.get("frontier")
         cells = [
             t["trial_id"][-5:],
-            *[str(t.get(p)) for p in params],
+            *[_value(p, t.get(p)) for p in params],
             t["status"],
             str(t["rounds_completed"]),
             "-" if score is None else f"{score:+.3f}",
@@ -231,7 +257,7 @@ def render(summary: dict[str, Any], plot_path: str) -> str:
     best = summary.get("best")
     verdict = "no trial was scored"
     if best is not None:
-        values = ", ".join(f"`{p}={best.get(p)}`" for p in params)
+        values = ", ".join(f"`{p}={_value(p, best.get(p))}`" for p in params)
         if best.get("reached"):
             verdict = (
                 f"best trial: {values}: memorized {_pct(best['matched_memorized'])} at matched quality against "
@@ -271,10 +297,30 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark's OUT/data/*.parquet, so trials, plain training and the benchmark share one file).",
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Extra trial override k=v.")
+    parser.add_argument(
+        "--param",
+        dest="params",
+        action="append",
+        default=[],
+        metavar="KEY=SPACE",
+        help="Replace or add one dimension of the size's space (memshard sweep's syntax, e.g. train.lr=grid(1e-3)).",
+    )
+    parser.add_argument(
+        "--warm-start",
+        default=None,
+        metavar="ROUNDS",
+        help="Add train.init_from = grid(PLAIN@R for R in ROUNDS) (e.g. 3,4): trials start from plain training's "
+        "round-R weights (--baseline-run, or the sweep's own OUT/baseline); their steps count those rounds'.",
+    )
     parser.add_argument("--publish", action="store_true", help="Copy summary.json and the plot to docs/results/.")
     args = parser.parse_args(argv)
-    size = SIZES[args.size]
     out = os.path.abspath(args.out or os.path.join("runs", f"sweep-frontier-{args.size}"))
+    try:
+        size = with_space(
+            SIZES[args.size], args.params, args.warm_start, args.baseline_run or os.path.join(out, BASELINE_DIR)
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     command = "python jobs/sweep_frontier.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.data is not None and not os.path.exists(args.data):
         parser.error(f"--data {args.data} does not exist")

@@ -298,9 +298,11 @@ def test_frontier_sweep_scores_trials_against_plain_training(ray_cluster, tmp_pa
 
     job = load_job("sweep_frontier")
     out = str(tmp_path / "fs")
-    assert job.main(["--size", "ci", "--out", out]) == 0
+    # every trial warm-starts from plain training's round 2 (trained by the sweep itself, before any trial)
+    assert job.main(["--size", "ci", "--out", out, "--warm-start", "2"]) == 0
     on_disk = pd.read_csv(f"{out}/{RESULTS_CSV}")
     assert len(on_disk) == 2 and sorted(on_disk["taa.scale"]) == ["memshard", "torchvision"]
+    assert set(on_disk["train.init_from"]) == {f"{out}/baseline@2"}
     assert set(on_disk["status"]) <= {"completed", "stopped"} and (on_disk["status"] == "completed").any()
     points = pd.read_csv(f"{out}/{POINTS_CSV}")
     base = points[points["arm"] == "baseline"]
@@ -320,6 +322,11 @@ def test_frontier_sweep_scores_trials_against_plain_training(ray_cluster, tmp_pa
         assert row["frontier"] == pytest.approx(want["frontier"]) and row["matched_fid_limit"] == pytest.approx(q)
         assert bool(row["reached"]) == want["reached"]
         assert -1 <= row["frontier"] <= 1 if want["reached"] else row["frontier"] > 1
+        # the warm start's steps count: round 1 = plain training's 2 rounds + this trial's first round
+        init = json.loads((Path(out) / TRIALS_DIR / row["trial_id"] / "run.json").read_text())["init"]
+        plain_steps = int(base[base["round"] == 2]["steps"].iloc[0])
+        assert init["round"] == 2 and init["steps"] == plain_steps > 0
+        assert int(mine[mine["round"] == 1]["steps"].iloc[0]) == plain_steps + 2 * 3  # 2 shards x 3 steps
     assert on_disk["pareto"].sum() >= 1
     with Image.open(f"{out}/{PARETO_PNG}") as img:
         assert img.format == "PNG" and img.size[0] > 100
@@ -329,4 +336,8 @@ def test_frontier_sweep_scores_trials_against_plain_training(ray_cluster, tmp_pa
     assert summary["baseline"]["matched_fid"] == pytest.approx(q)
     assert summary["best"]["frontier"] == pytest.approx(on_disk["frontier"].min())
     text = job.render(summary, "x.png")
-    assert "| trial | scale |" in text and "best trial: `taa.scale=" in text and "Q = " in text
+    assert "| trial | scale | init_from |" in text and "best trial: `taa.scale=" in text and "Q = " in text
+    assert "| baseline@2 |" in text
+    with pytest.raises(SystemExit):  # rounds that are not rounds are refused before any work
+        job.main(["--size", "ci", "--out", str(tmp_path / "no"), "--warm-start", "two"])
+    assert not (tmp_path / "no").exists()
