@@ -125,6 +125,13 @@ def test_benchmark_end_to_end_on_duplicated_data_resumes_after_budget(ray_cluste
     assert json.loads((out / "frontier" / "matched.json").read_text()) == s["matched"]
     text = (out / "results.md").read_text()
     assert "| plain training | reached |" in text and "E(Q)" in text and "](frontier.png)" in text
+    # the secondary view: the same checkpoints scored by FID against one copy of each distinct image
+    fd, rows_all = s["frontier_distinct"], s["frontier"]["rows"]
+    base_distinct = [r["fid_distinct"] for r in rows_all if r["arm"] == "baseline"]
+    assert fd["matched_fid"] == pytest.approx(1.05 * min(base_distinct)) and set(fd["matched"]) == set(s["matched"])
+    assert min(base_distinct) != s["frontier"]["baseline_best_fid"] and "on the distinct images" in text
+    same = job.Checkpoint("baseline", 1, 1, 0.0, 0.1, 30.0, 0.9, 0.0, 0.1, fid_distinct=30.0)
+    assert job.frontier_on_distinct({"baseline": [same]}) is None  # no duplicates: nothing to add
     # per-round evaluations map duplicate groups back to all their ids
     per = pq.read_table(out / "iet-agc" / "eval" / "bench" / "round-0001" / "per_sample.parquet").to_pandas()
     assert len(per) == 32 and sorted(per["copies"].unique().tolist()) == [1, 5] and (per["copies"] == 5).sum() == 10
