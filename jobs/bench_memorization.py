@@ -48,6 +48,7 @@ import datetime as dt
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -572,13 +573,14 @@ def _distinct_part(summary: dict[str, Any], labels: dict[str, str]) -> list[str]
     ]
 
 
-def publish(out: str, size: str, seed: int = 0) -> tuple[str, str]:
+def publish(out: str, size: str, seed: int = 0, tag: str | None = None) -> tuple[str, str]:
     """Copy summary.json and the plots into docs/results/ (what BENCHMARKS.md is generated from).
 
-    The name is bench-memorization-SIZE, with -seedN for a seed other than 0 (a replicate).
+    The name is bench-memorization-SIZE, with -seedN for a seed other than 0 (a replicate) and
+    -TAG for a lever measured beside the published arms (``--tag``), which it never replaces.
     """
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    name = f"bench-memorization-{size}" + (f"-seed{seed}" if seed else "")
+    name = f"bench-memorization-{size}" + (f"-seed{seed}" if seed else "") + (f"-{tag}" if tag else "")
     js = os.path.join(RESULTS_DIR, f"{name}.json")
     png = os.path.join(RESULTS_DIR, f"{name}.png")
     shutil.copyfile(os.path.join(out, "summary.json"), js)
@@ -656,6 +658,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget-s", type=float, default=None, help="Stop this call after about this long.")
     parser.add_argument("--publish", action="store_true", help="Copy summary.json and the plot to docs/results/.")
     parser.add_argument(
+        "--tag",
+        default=None,
+        help="Publish as bench-memorization-SIZE-TAG: a lever's measurement beside the published arms, not over them.",
+    )
+    parser.add_argument(
         "--keep-published",
         action="store_true",
         help="Take the arms not in --methods from the published summary (docs/results/), when this call's "
@@ -679,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
         "for calibration and tests.",
     )
     args = parser.parse_args(argv)
+    if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*", args.tag):
+        parser.error(f"--tag {args.tag!r}: letters, digits, '.', '_' and '-' only (it names a file and a block)")
     per_arm: dict[str, list[str]] = {}
     for item in args.arm_overrides:
         arm, sep, kv = item.partition(":")
@@ -833,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
         fh.write(text + "\n")
     console.print(text)
     if args.publish:
-        js, png = publish(out, args.size, args.seed)
+        js, png = publish(out, args.size, args.seed, args.tag)
         console.print(f"published {js} and {png}; regenerate BENCHMARKS.md with `python jobs/benchmarks_md.py`")
     console.print(
         f"summary: {os.path.join(out, 'summary.json')}, plot: {os.path.join(out, 'frontier', 'frontier.png')}"

@@ -82,6 +82,9 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit) as e:
         job.main(["--arm-set", "nope:train.lr=0.1"])
     assert e.value.code == 2 and "ARM:KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        job.main(["--tag", "../up"])
+    assert e.value.code == 2 and "--tag" in capsys.readouterr().err
 
 
 @pytest.mark.ray
@@ -192,3 +195,18 @@ def test_keep_published_reuses_arms_only_when_the_baseline_reproduces():
 
     mine = {k: v for k, v in dataclasses.asdict(bench.SIZES["dup"]).items() if k != "notes"}
     assert bench.kept_arms(published, ["baseline", "iet-agc-plus"], same, base, mine).keys() == kept.keys()
+
+
+def test_a_tagged_result_is_published_beside_the_main_one(tmp_path, monkeypatch):
+    job = _job()
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, data in (("summary.json", b"{}"), ("frontier.png", b"p"), ("frontier-most-copied.png", b"m")):
+        (out / name).write_bytes(data)
+    monkeypatch.setattr(job, "RESULTS_DIR", str(tmp_path / "results"))
+    js, png = job.publish(str(out), "dup", 0, "r60lr")
+    assert os.path.basename(js) == "bench-memorization-dup-r60lr.json" and png.endswith("-dup-r60lr.png")
+    assert (tmp_path / "results" / "bench-memorization-dup-r60lr-most-copied.png").read_bytes() == b"m"
+    assert not (tmp_path / "results" / "bench-memorization-dup.json").exists()  # the main result is untouched
+    # BENCHMARKS.md renders a tagged block with the benchmark's own renderer
+    assert load_job("benchmarks_md").renderer("bench-memorization-dup-r60lr").__name__ == "render"
