@@ -265,6 +265,28 @@ def cap_rounds(size: Size, method: Method, max_factor: float) -> int:
     return equal if method.key == "baseline" else math.ceil(max_factor * equal)
 
 
+def schedule(size: Size, cfg: MemshardConfig) -> tuple[int, int]:
+    """(rounds to the baseline's steps, rounds between evaluations past them) from the arm's own config.
+
+    From the config rather than the size, so an arm whose round length ``--arm-set`` changed
+    (``train.steps_per_round``) is still evaluated every round up to the baseline's steps and
+    every ``extend_steps`` after them.
+    """
+    per_round = cfg.shards.count * (cfg.train.steps_per_round or 0)
+    if per_round <= 0 or size.base_total % per_round:
+        raise ValueError(
+            f"{cfg.name}: baseline steps {size.base_total} are not a whole number of rounds of {per_round} "
+            f"({cfg.shards.count} shard(s) x train.steps_per_round={cfg.train.steps_per_round})"
+        )
+    equal = size.base_total // per_round
+    if cfg.train.rounds < equal:
+        raise ValueError(
+            f"{cfg.name}: train.rounds={cfg.train.rounds} stops before the baseline's {size.base_total} steps "
+            f"({equal} rounds of {per_round}); set train.rounds too"
+        )
+    return equal, max(1, size.extend_steps // per_round)
+
+
 def method_config(
     size: Size, method: Method, data: str | None, extra: list[str], seed: int, max_factor: float = 4.0
 ) -> MemshardConfig:
@@ -720,7 +742,11 @@ def main(argv: list[str] | None = None) -> int:
     deadline = None if args.time_budget_s is None else t_call + args.time_budget_s
     # validate every arm's config before any work (the data path is filled in once prepared)
     for k in keys:
-        method_config(size, METHODS[k], "/dev/null" if data_src else None, extra(k), args.seed, args.max_factor)
+        try:
+            schedule(size, method_config(size, METHODS[k], "/dev/null" if data_src else None, extra(k), args.seed,
+                                         args.max_factor))  # fmt: skip
+        except ValueError as exc:
+            parser.error(str(exc))
     opts = EvalOptions(
         num=args.num or size.num_samples,
         steps=args.eval_steps,
@@ -736,8 +762,8 @@ def main(argv: list[str] | None = None) -> int:
             key=k,
             cfg=cfgs[k],
             run_dir=os.path.join(out, k),
-            equal_rounds=size.equal_rounds(METHODS[k].sharded),
-            extend_every=size.extend_every(METHODS[k].sharded),
+            equal_rounds=schedule(size, cfgs[k])[0],
+            extend_every=schedule(size, cfgs[k])[1],
         )
         for k in keys
     }

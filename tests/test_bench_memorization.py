@@ -43,6 +43,16 @@ def test_arms_share_data_seed_batch_and_the_checkpoint_budget():
         job.method_config(job.SIZES["cpu"], job.METHODS["iet"], None, ["train.batch_size=0"], 0)
 
 
+def test_an_arms_schedule_follows_its_own_round_length():
+    job = _job()
+    size = job.SIZES["dup"]  # plain training: 2,400 steps; sharded rounds 4 x 300; evaluate every 1,200 past it
+    plus = job.METHODS["iet-agc-plus"]
+    assert job.schedule(size, job.method_config(size, plus, None, [], 0)) == (2, 1)
+    short = job.method_config(size, plus, None, ["train.steps_per_round=60", "train.rounds=40"], 0)
+    assert job.schedule(size, short) == (10, 5)  # 4 x 60 = 240 steps a round, the size's own shard_steps=60
+    assert job.schedule(size, job.method_config(size, job.METHODS["baseline"], None, [], 0)) == (10, 5)
+
+
 def test_next_action_trains_to_equal_steps_then_on_until_matched_quality():
     from memshard.evaluation.frontier import next_action as act
 
@@ -82,6 +92,12 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit) as e:
         job.main(["--arm-set", "nope:train.lr=0.1"])
     assert e.value.code == 2 and "ARM:KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a round length that cannot reach the baseline's steps exactly
+        job.main(["--methods", "baseline,iet", "--arm-set", "iet:train.steps_per_round=70"])
+    assert e.value.code == 2 and "not a whole number of rounds" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # shorter rounds without more of them stop before the baseline's steps
+        job.main(["--methods", "baseline,iet", "--arm-set", "iet:train.steps_per_round=60"])
+    assert e.value.code == 2 and "set train.rounds too" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         job.main(["--tag", "../up"])
     assert e.value.code == 2 and "--tag" in capsys.readouterr().err
