@@ -620,6 +620,12 @@ def _plain_json(v: Any) -> Any:
     return json.loads(json.dumps(v))
 
 
+# Plain training reproduces its weights and generations exactly (the memorized fractions must be
+# equal); the Inception features' float sums vary at the 1e-4 level with thread scheduling when other
+# work shares the cores (measured: FIDs 0.01-0.03% apart, every memorized fraction equal).
+FID_REPRODUCED = 1e-3
+
+
 class KeepError(ValueError):
     """--keep-published cannot reuse the published arms (they were measured under other conditions)."""
 
@@ -635,7 +641,7 @@ def kept_arms(
 
     Sound means: this call's baseline checkpoints equal the published ones figure for figure
     (same data, seed, evaluation: training and evaluation are deterministic on one device
-    type), and this call's overrides would not change the kept arm's config
+    type; FIDs within :data:`FID_REPRODUCED`), and this call's overrides would not change the kept arm's config
     (``same_config``), and the size is the published one (``size_config``: ``--size-set``
     changes every arm's schedule). Anything else raises :class:`KeepError` naming what differs.
     """
@@ -646,10 +652,15 @@ def kept_arms(
     rows = published["frontier"]["rows"]
     pub_base = sorted((r["round"], r["fid"], r["memorized_fraction"]) for r in rows if r["arm"] == "baseline")
     mine = sorted((p.round, p.fid, p.memorized_fraction) for p in baseline)
-    if pub_base != mine:
+    same = len(pub_base) == len(mine) and all(
+        a[0] == b[0] and a[2] == b[2] and abs(a[1] - b[1]) <= FID_REPRODUCED * max(a[1], b[1])
+        for a, b in zip(pub_base, mine, strict=True)
+    )
+    if not same:
         raise KeepError(
             "this call's plain training does not reproduce the published one checkpoint for checkpoint "
-            f"({len(mine)} vs {len(pub_base)} checkpoints, or different FID / memorized fraction): run every arm"
+            f"({len(mine)} vs {len(pub_base)} checkpoints, or a different memorized fraction, or an FID more than "
+            f"{FID_REPRODUCED:.1%} apart): run every arm"
         )
     fields = set(Checkpoint.__dataclass_fields__)
     out: dict[str, list[Checkpoint]] = {}

@@ -200,6 +200,14 @@ def test_keep_published_reuses_arms_only_when_the_baseline_reproduces():
     moved = [*base[:-1], Checkpoint(**{**base[-1].to_dict(), "memorized_fraction": base[-1].memorized_fraction + 0.01})]
     with pytest.raises(bench.KeepError, match="does not reproduce"):
         bench.kept_arms(published, ["baseline", "iet-agc-plus"], same, moved, size)
+
+    # FIDs a hair apart (thread scheduling in the Inception sums) are the same run; 0.5% apart are not
+    def fid_times(f):
+        return [Checkpoint(**{**p.to_dict(), "fid": p.fid * f}) for p in base]
+
+    assert bench.kept_arms(published, ["baseline", "iet-agc-plus"], same, fid_times(1.0003), size).keys() == kept.keys()
+    with pytest.raises(bench.KeepError, match=r"FID more than 0\.1% apart"):
+        bench.kept_arms(published, ["baseline", "iet-agc-plus"], same, fid_times(1.005), size)
     # an override that changes a kept arm's config: refused, naming the arm
     with pytest.raises(bench.KeepError, match="arm agc"):
         bench.kept_arms(published, ["baseline", "iet-agc-plus"], {**same, "agc": False}, base, size)
