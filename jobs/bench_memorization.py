@@ -561,7 +561,8 @@ def render(summary: dict[str, Any], plot_path: str) -> str:
     earlier = {k: c for k, c in summary.get("measured_by", {}).items() if c != "this call"}
     if earlier:
         command += " Arms " + ", ".join(f"`{k}`" for k in earlier) + " are kept from an earlier call "
-        command += "(`--keep-published`: this call's plain training reproduced that call's checkpoint for checkpoint):"
+        command += "(`--keep-published`: this call's plain training reproduced that call's checkpoint for checkpoint, "
+        command += "every memorized fraction equal and FIDs within 0.1%):"
         command += " " + "; ".join(sorted({f"`{c}`" for c in earlier.values()})) + "."
     parts = [
         command,
@@ -820,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
             measured_by[k] = published.get("measured_by", {}).get(k, published["command"])
         console.print(f"kept from {published_path(args.size, args.seed)}: {', '.join(kept) or 'nothing'}")
         keys = [k for k in METHODS if k in points]
+        points = {k: points[k] for k in keys}  # the arms in the benchmark's order, kept or measured
     result = build(points, "baseline")
     labels = {k: METHODS[k].label for k in keys}
     write_outputs(result, os.path.join(out, "frontier"), f"Memorization vs quality, size `{args.size}`", labels)
