@@ -66,6 +66,7 @@ from memshard.evaluation.evaluate import (
     evaluate_rounds,
     round_eval_dir,
     stored_round,
+    summed_stats,
 )
 from memshard.evaluation.frontier import build, matched_table, next_action, points_table, write_outputs
 from memshard.evaluation.metrics.frontier import Checkpoint, checkpoint_from_metrics
@@ -424,24 +425,6 @@ def run_arm(arm: Arm, opts: EvalOptions, q: float | None, cap: int, deadline: fl
 # --------------------------------------------------------------------------- analysis
 
 
-def _augmented_visits(run: RunDir, ids: np.ndarray, upto_round: int) -> np.ndarray:
-    """Per id, visits trained in TAA's augmented form over rounds 1..upto_round (0 without TAA).
-
-    Read from the run's statistics rather than the evaluation's per-sample table, so evaluations
-    stored before that table had the column are reused as they are.
-    """
-    pos = {int(i): j for j, i in enumerate(ids.tolist())}
-    out = np.zeros(len(ids), np.float64)
-    for r in range(1, upto_round + 1):
-        t = run.read_stats(r)
-        if "augmented" not in t.column_names:
-            continue
-        idx = np.array([pos.get(int(i), -1) for i in t.column("id").to_numpy()])
-        ok = idx >= 0
-        np.add.at(out, idx[ok], t.column("augmented").to_numpy()[ok])
-    return out
-
-
 def analyse(arm: Arm, round_id: int) -> dict[str, Any]:
     """The link between training statistics and outcome, up to the arm's matched checkpoint.
 
@@ -463,7 +446,8 @@ def analyse(arm: Arm, round_id: int) -> dict[str, Any]:
     with open(os.path.join(arm.run_dir, "run.json")) as fh:
         manifest = json.load(fh)
     rounds = [s for s in manifest["rounds"] if s["round"] <= round_id]
-    augmented = _augmented_visits(RunDir(arm.run_dir), np.asarray(t["id"]), round_id)
+    # from the run's statistics, not the per-sample table, so evaluations stored before it had the column are reused
+    augmented = summed_stats(RunDir(arm.run_dir), np.asarray(t["id"]), round_id)["augmented"]
 
     def part(mask: np.ndarray) -> dict[str, float | int | None]:
         if not mask.any():
@@ -700,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-published",
         action="store_true",
         help="Take the arms not in --methods from the published summary (docs/results/), when this call's "
-        "baseline reproduces it exactly and --set leaves those arms' configs unchanged; their command is kept.",
+        "baseline reproduces it (every memorized fraction equal, FIDs within 0.1%%) and --set leaves those arms' "
+        "configs unchanged; their command is kept.",
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Extra config override k=v.")
     parser.add_argument(
@@ -743,22 +728,17 @@ def main(argv: list[str] | None = None) -> int:
     data_src = args.data or (os.path.abspath(DEFAULT_GPU_DATA) if size.source == "cifar" else None)
     if data_src is not None and not data_src.startswith("s3://") and not os.path.exists(data_src):
         parser.error(f"--data {data_src} does not exist")
-    try:
-        for m in (METHODS[k] for k in keys):
-            size.equal_rounds(m.sharded)
-    except ValueError as exc:
-        parser.error(str(exc))
-    out = args.out or os.path.join("runs", f"bench-memorization-{args.size}")
-    os.makedirs(out, exist_ok=True)
-    t_call = time.time()
-    deadline = None if args.time_budget_s is None else t_call + args.time_budget_s
-    # validate every arm's config before any work (the data path is filled in once prepared)
+    # validate every arm's config and schedule before any work (the data path is filled in once prepared)
     for k in keys:
         try:
             schedule(size, method_config(size, METHODS[k], "/dev/null" if data_src else None, extra(k), args.seed,
                                          args.max_factor))  # fmt: skip
         except ValueError as exc:
             parser.error(str(exc))
+    out = args.out or os.path.join("runs", f"bench-memorization-{args.size}")
+    os.makedirs(out, exist_ok=True)
+    t_call = time.time()
+    deadline = None if args.time_budget_s is None else t_call + args.time_budget_s
     opts = EvalOptions(
         num=args.num or size.num_samples,
         steps=args.eval_steps,
@@ -770,13 +750,7 @@ def main(argv: list[str] | None = None) -> int:
     cfgs = {k: method_config(size, METHODS[k], data, extra(k), args.seed, args.max_factor) for k in keys}
     connect(cfgs["baseline"])
     arms = {
-        k: Arm(
-            key=k,
-            cfg=cfgs[k],
-            run_dir=os.path.join(out, k),
-            equal_rounds=schedule(size, cfgs[k])[0],
-            extend_every=schedule(size, cfgs[k])[1],
-        )
+        k: Arm(k, cfgs[k], os.path.join(out, k), *schedule(size, cfgs[k]))  # equal_rounds, extend_every
         for k in keys
     }
     for arm in arms.values():

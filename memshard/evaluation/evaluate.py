@@ -386,6 +386,33 @@ def prepare_reference(run: RunDir, manifest: dict[str, Any], opts: EvalOptions) 
 # --------------------------------------------------------------------------- one set of weights
 
 
+def summed_stats(run: RunDir, train_ids: np.ndarray, upto_round: int) -> dict[str, np.ndarray]:
+    """Per training id (in ``train_ids`` order), the run's per-sample statistics summed over rounds 1..upto_round.
+
+    ``visits``, ``skips``, ``augmented`` (TAA: visits or queued copies trained augmented; 0 in runs
+    without it), and ``ratio_sum`` / ``ratio_visits``, the visit-weighted l / m[t] (how far below its
+    timestep's average a loss is) and the visits it was measured on. Ids not in a round's table add 0.
+    """
+    n = len(train_ids)
+    out = {k: np.zeros(n, np.int64) for k in ("visits", "skips", "augmented", "ratio_visits")}
+    out["ratio_sum"] = np.zeros(n, np.float64)
+    pos = {int(i): j for j, i in enumerate(np.asarray(train_ids).tolist())}
+    for r in range(1, upto_round + 1):
+        t = run.read_stats(r)
+        idx = np.array([pos.get(int(i), -1) for i in t.column("id").to_numpy()])
+        ok = idx >= 0
+        for key in ("visits", "skips", "augmented"):
+            if key in t.column_names:
+                np.add.at(out[key], idx[ok], t.column(key).to_numpy()[ok])
+        if "mean_ratio" in t.column_names:
+            ratio = t.column("mean_ratio").to_numpy(zero_copy_only=False)[ok].astype(np.float64)
+            v = t.column("visits").to_numpy()[ok]
+            seen = np.isfinite(ratio) & (v > 0)
+            np.add.at(out["ratio_sum"], idx[ok][seen], ratio[seen] * v[seen])
+            np.add.at(out["ratio_visits"], idx[ok][seen], v[seen])
+    return out
+
+
 def per_sample_table(
     run: RunDir,
     manifest: dict[str, Any],
@@ -408,27 +435,9 @@ def per_sample_table(
     g_mem = np.bincount(nn_group[np.asarray(memorized, dtype=bool)], minlength=groups.num_distinct)
     nn_count = g_nn[groups.group]
     mem_count = g_mem[groups.group]
-    visits = np.zeros(n, np.int64)
-    skips = np.zeros(n, np.int64)
-    augmented = np.zeros(n, np.int64)  # TAA: visits (or queued copies) trained in augmented form
-    ratio_sum = np.zeros(n, np.float64)  # visit-weighted l / m[t]: how far below its timestep's average a loss is
-    ratio_visits = np.zeros(n, np.int64)
-    pos = {int(i): j for j, i in enumerate(train_ids.tolist())}
     rounds = int(manifest["rounds_completed"]) if upto_round is None else int(upto_round)
-    for r in range(1, rounds + 1):
-        t = run.read_stats(r)
-        idx = np.array([pos.get(int(i), -1) for i in t.column("id").to_numpy()])
-        ok = idx >= 0
-        np.add.at(visits, idx[ok], t.column("visits").to_numpy()[ok])
-        np.add.at(skips, idx[ok], t.column("skips").to_numpy()[ok])
-        if "augmented" in t.column_names:
-            np.add.at(augmented, idx[ok], t.column("augmented").to_numpy()[ok])
-        if "mean_ratio" in t.column_names:
-            ratio = t.column("mean_ratio").to_numpy(zero_copy_only=False)[ok].astype(np.float64)
-            v = t.column("visits").to_numpy()[ok]
-            seen = np.isfinite(ratio) & (v > 0)
-            np.add.at(ratio_sum, idx[ok][seen], ratio[seen] * v[seen])
-            np.add.at(ratio_visits, idx[ok][seen], v[seen])
+    st = summed_stats(run, train_ids, rounds)
+    visits, skips, ratio_visits = st["visits"], st["skips"], st["ratio_visits"]
     moves = np.zeros(n, np.int64)
     prev = None
     for r in range(0, rounds + 1):
@@ -447,8 +456,8 @@ def per_sample_table(
         "visits": visits,
         "skips": skips,
         "skip_rate": np.where(visits > 0, skips / np.maximum(visits, 1), np.nan),
-        "augmented": augmented,
-        "mean_ratio": np.where(ratio_visits > 0, ratio_sum / np.maximum(ratio_visits, 1), np.nan),
+        "augmented": st["augmented"],
+        "mean_ratio": np.where(ratio_visits > 0, st["ratio_sum"] / np.maximum(ratio_visits, 1), np.nan),
         "migrations": moves,
     }
 

@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from memshard.config import split_init_from
 from memshard.io.storage import Storage
 from memshard.io.weights import (
     Shapes,
@@ -240,12 +241,13 @@ class WarmStart:
         return {"from": self.uri, "round": self.round, "steps": self.steps, "wall_s": self.wall_s}
 
 
-def load_warm_start(spec: str, uri: str, round_id: int | None, expected: Shapes) -> WarmStart:
-    """The weights ``spec`` (RUN or RUN@ROUND, split into ``uri`` and ``round_id``) names, checked.
+def load_warm_start(spec: str, expected: Shapes) -> WarmStart:
+    """The weights ``spec`` (``train.init_from``: RUN or RUN@ROUND) names, checked against ``expected``.
 
     Raises ValueError naming the problem (no run there, a round it has not committed, weights of
     another model) so that a bad warm start is refused before any training.
     """
+    uri, round_id = split_init_from(spec)
     src = RunDir(uri)
     manifest = src.manifest()
     if manifest is None:

@@ -41,7 +41,7 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from memshard.config import MemshardConfig, build_config, split_init_from
+from memshard.config import MemshardConfig, build_config
 from memshard.data import prepare
 from memshard.data.conditioning import build_caches
 from memshard.data.ingest import Ingested, check_dataset, format_bad, ingest
@@ -162,10 +162,9 @@ def warm_start(cfg: MemshardConfig) -> WarmStart | None:
     """The round-0 weights ``train.init_from`` names, checked against the config's UNet (RunError if bad)."""
     if cfg.train.init_from is None:
         return None
-    uri, round_id = split_init_from(cfg.train.init_from)
     try:
-        return load_warm_start(cfg.train.init_from, uri, round_id, unet_shapes(cfg))
-    except (ValueError, FileNotFoundError, OSError) as exc:
+        return load_warm_start(cfg.train.init_from, unet_shapes(cfg))
+    except (ValueError, OSError) as exc:
         raise RunError(str(exc)) from None
 
 
