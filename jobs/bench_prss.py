@@ -20,15 +20,18 @@ prompt), the cost of PRSS on untriggered prompts, and the combined system: IET-A
 training plus PRSS sampling against plain training plus plain sampling.
 
 Privacy levels. The spec's thresholds (lambda_ss 1, lambda_pr 3, tau 5) are on SD v1.4's
-scale; a tiny model's magnitudes are on another one, so levels are calibrated on the
-held-out (never trained on) prompts: lambda_ss = the q-quantile of their first-step
-magnitude, lambda_pr = the q-quantile of their per-step magnitudes along the undefended
-trajectory, tau = lambda_pr * 5/3 (the spec's tau/lambda_pr). q = 0.99 flags about 1% of
-benign prompts (least private), q = 0.5 half of them (most private).
+scale; a small model's magnitudes are on another one, so a level is the share of memorized
+prompts to defend, calibrated on those prompts' own undefended trajectories (other seeds
+than the test's): lambda_ss = the (1 - level)-quantile of their first-step magnitudes,
+lambda_pr = the same quantile of their per-step magnitudes, tau = lambda_pr * 5/3 (the
+spec's tau/lambda_pr). The held-out prompts that trigger at each level are the cost.
 
-    python jobs/bench_prss.py --size cpu --out runs/bench-prss
+    python jobs/bench_prss.py --size cpu --out runs/bench-prss-cpu --publish
+    python jobs/bench_prss.py --size cpu --out runs/prss-cal --stage model --size-set caption_dropout=0.1
 
-Resumable: finished trainings are kept; run the same command again.
+Resumable: finished trainings, calibration, detection and every method's generations are
+kept under OUT; run the same command again. ``--time-budget-s`` bounds one call (exit 3
+when it stopped early), so the ``gpu`` size runs in 9-minute calls.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -67,20 +71,63 @@ class Size:
     sample_steps: int
     cpus: float
     align_steps: int = 400
-    # CFG scale of every arm. The spec's 7.5 suits Stable Diffusion; the tiny CPU model's
-    # unconditional branch is weak and 7.5 turns its samples into colour noise (1/3-rule
-    # memorized 0%, own training image the nearest for 42%), while at 1.5 it reproduces its
-    # memorized images (nearest for 100%, 1/3 rule 29%), the regime PRSS is for.
+    # CFG scale of every arm: the spec's 7.5 (Stable Diffusion's), the regime PRSS is for.
+    # The first cpu size (tiny UNet, dropout 0.1) only worked at 1.5; see BENCHMARKS.md.
     guidance_scale: float = 7.5
+    caption_dropout: float = 0.1  # share of training captions replaced by the empty prompt
+    max_text_length: int = 16
+    gpus: float = 0.0  # GPUs of the whole training run (split over the shards); sampling then uses CUDA
+
+
+# the model, data and sampling fields ``--size-set`` may change (calibration runs)
+SETTABLE = (
+    "image_size",
+    "preset",
+    "num_memorized",
+    "duplicates",
+    "num_single",
+    "num_heldout",
+    "train_steps",
+    "batch_size",
+    "lr",
+    "gens_per_prompt",
+    "sample_steps",
+    "cpus",
+    "guidance_scale",
+    "caption_dropout",
+)
 
 
 SIZES = {
-    "cpu": Size(16, "tiny", 24, 10, 40, 64, 6000, 32, 5e-4, 4, 2, 50, 1.0, guidance_scale=1.5),
-    "gpu": Size(32, "small", 100, 16, 500, 200, 20000, 64, 5e-4, 4, 4, 50, 1.0),
+    # the first cpu size (published until this issue): tiny UNet, 64 distinct training images
+    "cpu-tiny": Size(16, "tiny", 24, 10, 40, 64, 6000, 32, 5e-4, 4, 2, 50, 1.0, guidance_scale=1.5),
+    # the attempt at PRSS's regime: a 2M UNet, a stronger unconditional branch (dropout 0.2)
+    # and enough distinct captions that held-out prompts have something to generalise from.
+    # Measured (the regime table in BENCHMARKS.md): it copies its duplicated images at CFG
+    # 1.5 but turns them to colour noise from CFG 3 up, so the methods run at 1.5.
+    "cpu": Size(16, "small", 24, 20, 1200, 200, 8000, 32, 1e-3, 4, 2, 50, 1.0, guidance_scale=1.5, caption_dropout=0.2),
+    # ready, not run (no GPU was lent): a 25M UNet at 32 px, 100 memorized captions x20,
+    # 30,000 steps at batch 64; in 9-minute calls with --time-budget-s 540
+    "gpu": Size(32, "base", 100, 20, 1400, 300, 30000, 64, 1e-3, 4, 4, 50, 4.0, 800, caption_dropout=0.2, gpus=1.0),
     # the test suite's size: every code path, no claim about the numbers
     "toy": Size(16, "tiny", 4, 3, 8, 8, 32, 8, 1e-3, 2, 2, 4, 2.0, align_steps=20),
 }
-LEVELS = (0.99, 0.9, 0.5)  # held-out quantiles for the thresholds: least to most private
+# Privacy levels: the share of memorized prompts to defend (calibration.defended_level),
+# least to most private; MID_LEVEL is the one the single-level arms (pr, ss, providers) use.
+DEFEND_LEVELS = (0.5, 0.75, 0.9, 0.97)
+MID_LEVEL = 0.9
+# Candidate providers reported; the PRSS levels use DEFAULT_PROVIDER (what `memshard sample` defaults to).
+PROVIDERS = ("bank", "perturb", "list")
+DEFAULT_PROVIDER = "bank"
+RANDOM_TOKENS = (1, 2, 4, 8)  # random_token's k, weakest to strongest
+NOISE_SIGMAS = (0.1, 0.3, 1.0)  # gaussian_noise's sigma on the token states
+WEN_LEVELS = (0.5, 0.9, 0.97)  # Wen et al. optimise down to lambda_ss of these levels
+INCOMPLETE_EXIT = 3  # a --time-budget-s call that stopped early; run the same command again
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "results")
+
+
+class BudgetSpent(Exception):
+    """This call's --time-budget-s is spent; the next call continues from what is cached."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -93,8 +140,14 @@ def build_data(size: Size, out: str, seed: int = 0) -> dict[str, Any]:
     path = os.path.join(out, "data")
     os.makedirs(path, exist_ok=True)
     split_file = os.path.join(path, "split.json")
+    shape = {k: getattr(size, k) for k in ("image_size", "num_memorized", "duplicates", "num_single", "num_heldout")}
     if os.path.exists(split_file):
-        return json.loads(open(split_file).read())
+        split = json.loads(open(split_file).read())
+        if split.get("shape", shape) != shape:
+            raise SystemExit(
+                f"{out} holds data built for {split['shape']}, not {shape}: use another --out for this size"
+            )
+        return split
     src = os.path.join(path, "emoji.parquet")
     prepare("emoji", src, image_size=size.image_size, channels=3)
     table = pq.read_table(src)
@@ -121,6 +174,7 @@ def build_data(size: Size, out: str, seed: int = 0) -> dict[str, Any]:
         "memorized": [int(i) for i in mem],
         "single": [int(i) for i in single],
         "heldout": [int(i) for i in held],
+        "shape": shape,
     }
     open(split_file, "w").write(json.dumps(split, indent=2))
     return split
@@ -138,8 +192,12 @@ def rows_of(src: str, idx: list[int], size: int) -> tuple[np.ndarray, list[str]]
 # ----------------------------------------------------------------------------- training
 
 
-def train_arm(size: Size, split: dict[str, Any], out: str, method: str) -> str:
-    """Train (or resume) one arm for ``size.train_steps`` total optimizer steps; returns the run dir."""
+def train_arm(size: Size, split: dict[str, Any], out: str, method: str, deadline: float | None = None) -> str:
+    """Train (or resume) one arm for ``size.train_steps`` total optimizer steps; returns the run dir.
+
+    With a ``deadline`` (time.time()) training stops at the round boundary after it and
+    BudgetSpent is raised: the next call resumes from the last committed round.
+    """
     run = os.path.join(out, method)
     k = 1 if method == "baseline" else size.shards
     rounds = 4
@@ -148,7 +206,12 @@ def train_arm(size: Size, split: dict[str, Any], out: str, method: str) -> str:
         {
             "name": f"prss-{method}",
             "data": {"path": split["train"], "image_size": size.image_size, "channels": 3},
-            "model": {"preset": size.preset, "text_conditional": True, "max_text_length": 16},
+            "model": {
+                "preset": size.preset,
+                "text_conditional": True,
+                "max_text_length": size.max_text_length,
+                "caption_dropout": size.caption_dropout,
+            },
             "method": method,
             "train": {
                 "rounds": rounds,
@@ -159,7 +222,8 @@ def train_arm(size: Size, split: dict[str, Any], out: str, method: str) -> str:
                 "ema_decay": 0.999,
             },
             "shards": {"count": k},
-            "resources": {"cpus_per_shard": size.cpus / k},
+            # gpus_per_shard None (not 0) on the CPU: the resources the cpu runs were trained with
+            "resources": {"cpus_per_shard": size.cpus / k, "gpus_per_shard": size.gpus / k if size.gpus else None},
             "logging": {"progress": False},
         }
     )
@@ -170,10 +234,13 @@ def train_arm(size: Size, split: dict[str, Any], out: str, method: str) -> str:
     if not done:
         connect(cfg)
         t0 = time.perf_counter()
-        train(cfg, out=run, resume=os.path.exists(os.path.join(run, "run.json")))
-        open(os.path.join(out, f"{method}.timing.json"), "w").write(
-            json.dumps({"train_s": time.perf_counter() - t0, "steps": per * rounds * k})
-        )
+        left = None if deadline is None else max(1.0, deadline - time.time())
+        res = train(cfg, out=run, resume=os.path.exists(os.path.join(run, "run.json")), stop_after_s=left)
+        timing_file = os.path.join(out, f"{method}.timing.json")
+        spent = json.loads(open(timing_file).read())["train_s"] if os.path.exists(timing_file) else 0.0
+        write_json(timing_file, {"train_s": spent + time.perf_counter() - t0, "steps": per * rounds * k})
+        if res.rounds_completed < rounds:
+            raise BudgetSpent
     return run
 
 
@@ -217,7 +284,9 @@ class Judge:
         self.calibration = calibrate_threshold(copy_s, distinct_s)
         self.align = align
 
-    def __call__(self, gen: np.ndarray, prompts: list[str]) -> dict[str, Any]:
+    def __call__(self, gen: np.ndarray, prompts: list[str], own: np.ndarray | None = None) -> dict[str, Any]:
+        """Scores of ``gen`` (for ``prompts``); with ``own`` (each generation's own training
+        image index, or -1), also the share that copies its own image by the 1/3 rule."""
         from memshard.evaluation.metrics.memorization import copy_similarity, memorization_report
 
         g = as_float(gen)
@@ -225,13 +294,267 @@ class Judge:
             self.extractor(g), self.train_feats, self.calibration["threshold"], self.extractor.name
         ).to_dict()
         mem = memorization_report(g, self.train)
-        return {
+        out = {
             "copy_mean": cs["mean"],
             "copy_p95": cs["p95"],
             "copy_over": cs["over_threshold"],
-            "memorized": mem.memorized_fraction,
+            "memorized_fraction": mem.memorized_fraction,
             "alignment": float(np.mean(self.align.score(gen, prompts))),
         }
+        if own is not None:
+            hit = mem.memorized & (mem.nn_index == own)
+            out["copies_own"] = float(np.mean(hit))
+            # the share of the distinct memorized images that at least one generation copies
+            out["images_copied"] = len(set(own[hit].tolist())) / max(len(set(own.tolist()) - {-1}), 1)
+        return out
+
+
+REGIME_SCALES = (1.5, 3.0, 5.0, 7.5)
+
+
+def regime(
+    pipe: Any, judge: Judge, caps: dict[str, list[str]], g: int, steps: int, out: str, train_mem: np.ndarray
+) -> list[dict[str, Any]]:
+    """Is the model in PRSS's regime? Memorized and held-out prompts sampled at each CFG scale.
+
+    The model is in the regime at a scale where the memorized prompts copy their own
+    images (``copies_own``) while the held-out prompts do not copy (``memorized`` low) and
+    follow their prompt (``alignment``). ``regime.png``: a row per prompt (memorized ones
+    start with their training image), a column per scale.
+    """
+    from memshard.models.sampling import grid
+
+    rows, tiles = [], {}
+    mem_p = [c for c in caps["memorized"] for _ in range(g)]
+    own = np.repeat(np.arange(len(caps["memorized"])), g)  # memorized images come first in the judge's set
+    held_p = caps["heldout"]
+    for gs in REGIME_SCALES:
+        gm, _, secs = generate(pipe, mem_p, list(range(len(mem_p))), steps, gs, prss=False)
+        gh, _, _ = generate(pipe, held_p, list(range(10_000, 10_000 + len(held_p))), steps, gs, prss=False)
+        row = {"guidance_scale": gs, "memorized_prompts": judge(gm, mem_p, own), "heldout_prompts": judge(gh, held_p)}
+        rows.append(row)
+        tiles[gs] = (gm, gh)
+        m, h = row["memorized_prompts"], row["heldout_prompts"]
+        console.print(
+            f"  CFG {gs:4.1f}: memorized prompts copy their image {m['copies_own']:.0%} (1/3 rule "
+            f"{m['memorized_fraction']:.0%}, alignment {m['alignment']:.3f}); held-out prompts memorized "
+            f"{h['memorized_fraction']:.0%}, alignment {h['alignment']:.3f}  [{secs:.0f} s]"
+        )
+    pics = []
+    for i in range(min(8, len(caps["memorized"]))):
+        pics.append(train_mem[i])
+        pics += [tiles[gs][0][i * g] for gs in REGIME_SCALES]
+    for i in range(min(8, len(held_p))):
+        pics.append(np.full_like(train_mem[0], 255))
+        pics += [tiles[gs][1][i] for gs in REGIME_SCALES]
+    grid(np.stack(pics), cols=len(REGIME_SCALES) + 1, scale=4).save(os.path.join(out, "regime.png"))
+    open(os.path.join(out, "regime.json"), "w").write(json.dumps(rows, indent=2, default=float))
+    return rows
+
+
+def on_device(pipe: Any) -> Any:
+    """The pipeline on CUDA when there is one (the gpu size), else as loaded."""
+    return pipe.to("cuda") if torch.cuda.is_available() else pipe
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON through a temporary file, so a killed call never leaves half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def cached(out: str, name: str, make: Any) -> Any:
+    """OUT/NAME.json if an earlier call wrote it, else ``make()`` written there (resumable stages)."""
+    path = os.path.join(out, f"{name}.json")
+    if os.path.exists(path):
+        return json.loads(open(path).read())
+    obj = make()
+    write_json(path, obj)
+    return obj
+
+
+def detection(pipe: Any, mem: list[str], held: list[str], single: list[str], steps: int) -> dict[str, Any]:
+    """Wen et al.'s detector: the first-step magnitude averaged over 1 and 4 seeds per prompt.
+
+    AUC and TPR at 1% FPR of memorized against held-out prompts (and, as a harder negative
+    set, against captions the model saw once).
+    """
+    from memshard.prss.mitigations import auc, detection_score, tpr_at_fpr
+
+    def mags(caps: list[str], n: int) -> np.ndarray:
+        prompts = [c for c in caps for _ in range(n)]
+        seeds = [7_000 + j for _ in caps for j in range(n)]
+        out = []
+        for b in range(0, len(prompts), 32):
+            x = pipe.initial_noise(len(prompts[b : b + 32]), seeds[b : b + 32])
+            out.append(
+                detection_score(
+                    pipe.eps, pipe.encode_prompts, dict(pipe.scheduler.config), prompts[b : b + 32], x, steps
+                ).numpy()
+            )
+        return np.concatenate(out).reshape(len(caps), n).mean(1)
+
+    det: dict[str, Any] = {}
+    for n in (1, 4):
+        pm, ph, ps = mags(mem, n), mags(held, n), mags(single, n)
+        det[str(n)] = {
+            "auc": auc(pm, ph),
+            "tpr_at_1pct_fpr": tpr_at_fpr(pm, ph, 0.01),
+            "auc_vs_single": auc(pm, ps),
+            "memorized_mean": float(pm.mean()),
+            "heldout_mean": float(ph.mean()),
+        }
+    return det
+
+
+def calibrate(pipe: Any, mem: list[str], held: list[str], g: int, steps: int, gs: float) -> dict[str, Any]:
+    """Privacy levels from undefended trajectories of the memorized prompts (seeds 20000+, not the test seeds).
+
+    Also the per-step distributions (10/50/90th percentiles of m_t at each step, memorized
+    against held-out prompts) that show where along the trajectory the two differ.
+    """
+    from memshard.prss.calibration import defended_level, reference_magnitudes
+
+    mp = [c for c in mem for _ in range(g)]
+    hp = held
+    mf, ms = reference_magnitudes(pipe, mp, list(range(20_000, 20_000 + len(mp))), steps, guidance_scale=gs)
+    hf, hs = reference_magnitudes(pipe, hp, list(range(30_000, 30_000 + len(hp))), steps, guidance_scale=gs)
+
+    def curve(per_step: np.ndarray, n: int) -> dict[str, list[float]]:
+        m = per_step.reshape(n, steps)
+        return {f"p{q}": np.percentile(m, q, axis=0).round(4).tolist() for q in (10, 50, 90)}
+
+    return {
+        "reference": f"{len(mem)} memorized captions x {g} seeds; {len(held)} held-out captions x 1 seed",
+        "levels": [defended_level(mf, ms, d, hf) for d in DEFEND_LEVELS],
+        "first_step": {
+            "memorized": np.percentile(mf, (10, 50, 90)).round(4).tolist(),
+            "heldout": np.percentile(hf, (10, 50, 90)).round(4).tolist(),
+        },
+        "per_step": {"memorized": curve(ms, len(mp)), "heldout": curve(hs, len(hp))},
+    }
+
+
+def candidate_providers(split: dict[str, Any], mem_caps: list[str]) -> dict[str, Any]:
+    """The three candidate sources the benchmark reports, none of which may offer a memorized caption.
+
+    * bank: MiniLM nearest neighbours among every emoji caption except the memorized ones
+      (the spec's semantic search over a large caption pool);
+    * perturb: the rule-based paraphrases (word drops, swaps, synonyms);
+    * list: a user's list, here 25 captions of the same emoji category (seeded).
+    """
+    from memshard.models.text import load_text_encoder
+    from memshard.prss.candidates import BankProvider, ListProvider, PerturbProvider
+
+    t = pq.read_table(split["source"], columns=["caption", "label"])
+    caps, labels = t.column("caption").to_pylist(), t.column("label").to_pylist()
+    banned = set(mem_caps)
+    pool = [c for c in dict.fromkeys(caps) if c not in banned]
+    enc = load_text_encoder("minilm", 64)
+    rng = np.random.default_rng(0)
+    lists = {}
+    for c in mem_caps:
+        lab = labels[caps.index(c)]
+        same = [x for x, lb in zip(caps, labels, strict=True) if lb == lab and x not in banned]
+        lists[c] = [same[i] for i in rng.permutation(len(same))[:25]]
+    return {"bank": BankProvider(pool, enc.embed), "perturb": PerturbProvider(seed=0), "list": ListProvider(lists)}
+
+
+def method_arms(levels: list[dict[str, Any]], mid: dict[str, Any]) -> list[tuple[str, str, Any, dict[str, Any]]]:
+    """(name, method, level, sampler kwargs) of every arm, in the order they run (``none`` first)."""
+
+    def th(lv: dict[str, Any]) -> dict[str, float]:
+        return {k: lv[k] for k in ("lambda_ss", "lambda_pr", "tau")}
+
+    by = {lv["defend"]: lv for lv in levels}
+    arms: list[tuple[str, str, Any, dict[str, Any]]] = [("none", "none", None, {"prss": False})]
+    arms += [(f"random_token {k}", "random_token", k, {"mitigation": "random_token", "mitigation_params": {"k": k}})
+             for k in RANDOM_TOKENS]  # fmt: skip
+    arms += [
+        (
+            f"gaussian_noise {sg}",
+            "gaussian_noise",
+            sg,
+            {"mitigation": "gaussian_noise", "mitigation_params": {"sigma": sg}},
+        )
+        for sg in NOISE_SIGMAS
+    ]
+    arms += [
+        (f"wen {d}", "wen", d, {"mitigation": "wen", "mitigation_params": {"target": by[d]["lambda_ss"]}})
+        for d in WEN_LEVELS
+    ]
+    arms += [
+        (f"pr {MID_LEVEL}", "pr", MID_LEVEL, {"prss_mode": "pr", "candidates": DEFAULT_PROVIDER, **th(mid)}),
+        (f"ss {MID_LEVEL}", "ss", MID_LEVEL, {"prss_mode": "ss", "candidates": DEFAULT_PROVIDER, **th(mid)}),
+    ]
+    arms += [
+        (f"prss {lv['defend']}", "prss", lv["defend"], {"candidates": DEFAULT_PROVIDER, **th(lv)}) for lv in levels
+    ]
+    arms += [
+        (f"prss-{p} {MID_LEVEL}", f"prss-{p}", MID_LEVEL, {"candidates": p, **th(mid)})
+        for p in PROVIDERS
+        if p != DEFAULT_PROVIDER
+    ]
+    return arms
+
+
+def targets(results: list[dict[str, Any]], combined: dict[str, Any] | None, untrig: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, measured: PRSS's best level within 5% alignment, time, and the combined system."""
+    base = results[0]
+    ok = [
+        r for r in results
+        if r["method"] == "prss" and r["alignment"] >= 0.95 * base["alignment"]
+    ]  # fmt: skip
+    best = min(ok, key=lambda r: (r["memorized_fraction"], r["copy_mean"]), default=None)
+    out: dict[str, Any] = {"undefended": {k: base[k] for k in ("copy_mean", "memorized_fraction", "alignment")}}
+    if best is not None:
+        out["prss_within_5pct_alignment"] = {
+            "name": best["name"],
+            "copy_reduction": 1 - best["copy_mean"] / base["copy_mean"],
+            "memorized_reduction": 1 - best["memorized_fraction"] / base["memorized_fraction"]
+            if base["memorized_fraction"] > 0
+            else None,
+            "alignment_change": best["alignment"] / base["alignment"] - 1,
+        }
+    trig = [r["time_ratio"] for r in results if r["method"] == "prss"]
+    out["time"] = {"triggered_max": max(trig) if trig else None, **untrig}
+    if combined:
+        plain = combined["plain + none"]
+        matched = {
+            k: v
+            for k, v in combined.items()
+            if k.startswith("IET-AGC+") and v["alignment"] >= 0.95 * plain["alignment"]
+        }
+        if matched:
+            k, v = min(matched.items(), key=lambda kv: kv[1]["memorized_fraction"])
+            out["combined_matched_alignment"] = {
+                "name": k,
+                "memorized_reduction": 1 - v["memorized_fraction"] / plain["memorized_fraction"]
+                if plain["memorized_fraction"] > 0
+                else None,
+                "alignment_change": v["alignment"] / plain["alignment"] - 1,
+            }
+        else:
+            out["combined_matched_alignment"] = None
+    return out
+
+
+def with_overrides(size: Size, args: argparse.Namespace) -> Size:
+    """``size`` with --train-steps, --sample-steps and every --size-set FIELD=VALUE applied (typed like the field)."""
+    fields = dict(size.__dict__)
+    fields["train_steps"] = args.train_steps or size.train_steps
+    fields["sample_steps"] = args.sample_steps or size.sample_steps
+    for item in args.size_set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in SETTABLE:
+            raise SystemExit(f"--size-set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(SETTABLE)}")
+        try:
+            fields[key] = type(getattr(size, key))(value)
+        except ValueError:
+            raise SystemExit(f"--size-set {item!r}: {value!r} is not a {type(getattr(size, key)).__name__}") from None
+    return Size(**fields)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,17 +564,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-steps", type=int, help="override the size's total training steps")
     ap.add_argument("--sample-steps", type=int, help="override the DDIM steps")
     ap.add_argument("--skip-combined", action="store_true", help="do not train the IET-AGC+ arm")
+    ap.add_argument(
+        "--size-set", action="append", default=[], metavar="FIELD=VALUE",
+        help=f"override a field of the size (calibration runs; use their own --out): {', '.join(SETTABLE)}",
+    )  # fmt: skip
+    ap.add_argument(
+        "--stage", choices=("model", "all"), default="all",
+        help="model: train the undefended model and report its regime (CFG scales) only",
+    )  # fmt: skip
+    ap.add_argument("--time-budget-s", type=float, help="stop this call after about this long (exit 3; rerun)")
+    ap.add_argument("--publish", action="store_true", help="copy summary.json and plots to docs/results/")
     args = ap.parse_args(argv)
+    try:
+        return run(args, argv)
+    except BudgetSpent:
+        console.print("[yellow]time budget of this call spent; run the same command again to continue[/yellow]")
+        return INCOMPLETE_EXIT
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The benchmark behind ``main``; every finished stage is cached under OUT."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    size = SIZES[args.size]
-    if args.train_steps or args.sample_steps:
-        size = Size(
-            **{
-                **size.__dict__,
-                "train_steps": args.train_steps or size.train_steps,
-                "sample_steps": args.sample_steps or size.sample_steps,
-            }
-        )
+    size = with_overrides(SIZES[args.size], args)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
     split = build_data(size, args.out)
@@ -259,11 +593,10 @@ def main(argv: list[str] | None = None) -> int:
         f"[bold]data[/bold]: {len(split['memorized'])} memorized x{size.duplicates}, "
         f"{len(split['single'])} single, {len(split['heldout'])} held-out captions"
     )
-    plain_run = train_arm(size, split, args.out, "baseline")
-    plus_run = None if args.skip_combined else train_arm(size, split, args.out, "iet-agc-plus")
+    deadline = None if args.time_budget_s is None else time.time() + args.time_budget_s
+    plain_run = train_arm(size, split, args.out, "baseline", deadline)
 
     from memshard.evaluation.alignment import train_alignment
-    from memshard.prss.mitigations import auc, tpr_at_fpr
     from memshard.prss.pipeline import load_served_t2i
 
     src = split["source"]
@@ -282,202 +615,280 @@ def main(argv: list[str] | None = None) -> int:
         f"alignment model: {align.name}; held-out top-1 {align.info.get('holdout_top1'):.2f} "
         f"(chance {align.info.get('holdout_chance_top1'):.2f}); copy threshold {judge.calibration['threshold']:.3f}"
     )
+    caps = {"memorized": mem_caps, "heldout": held_caps}
+    pipe = on_device(load_served_t2i(os.path.join(plain_run, "served")))
+    reg_file = os.path.join(args.out, "regime.json")
+    if os.path.exists(reg_file):
+        model_regime = json.loads(open(reg_file).read())
+    else:
+        model_regime = regime(pipe, judge, caps, size.gens_per_prompt, size.sample_steps, args.out, mem_imgs)
+    if args.stage == "model":
+        console.print(f"wrote {args.out}/regime.json, regime.png")
+        return 0
+    plus_run = None if args.skip_combined else train_arm(size, split, args.out, "iet-agc-plus", deadline)
 
-    pipe = load_served_t2i(os.path.join(plain_run, "served"))
     g = size.gens_per_prompt
     steps = size.sample_steps
     gs = size.guidance_scale
     m_prompts = [c for c in mem_caps for _ in range(g)]
     m_seeds = list(range(len(m_prompts)))
-    h_prompts = [c for c in held_caps for _ in range(g)]
+    h_prompts = list(held_caps)  # one generation each: the untriggered-cost check
     h_seeds = list(range(10_000, 10_000 + len(h_prompts)))
+    own = np.repeat(np.arange(len(mem_caps)), g)  # each generation's own training image (memorized ones first)
+    generate(pipe, m_prompts[:32], m_seeds[:32], 2, gs, prss=False)  # warm-up: the first arm's time is not a load
 
-    # ---- detection and threshold calibration (undefended trajectories, magnitudes per step)
-    generate(pipe, m_prompts, m_seeds, steps, gs, prss=False)  # warm-up (and the same work as the "none" arm)
-    from memshard.prss.calibration import level, reference_magnitudes
-    from memshard.prss.mitigations import detection_score
-
-    def mags(caps: list[str], n: int) -> np.ndarray:
-        """Mean first-step magnitude over ``n`` seeds per caption (one batched UNet call per 32)."""
-        prompts = [c for c in caps for _ in range(n)]
-        seeds = [7_000 + j for _ in caps for j in range(n)]
-        out = []
-        for b in range(0, len(prompts), 32):
-            x = pipe.initial_noise(len(prompts[b : b + 32]), seeds[b : b + 32])
-            out.append(
-                detection_score(
-                    pipe.eps, pipe.encode_prompts, dict(pipe.scheduler.config), prompts[b : b + 32], x, steps
-                ).numpy()
-            )
-        return np.concatenate(out).reshape(len(caps), n).mean(1)
-
-    det: dict[str, Any] = {}
-    for n in (1, 4):
-        pm, ph, ps = mags(mem_caps, n), mags(held_caps, n), mags(single_caps[:64], n)
-        det[str(n)] = {
-            "auc_vs_heldout": auc(pm, ph),
-            "tpr1_vs_heldout": tpr_at_fpr(pm, ph, 0.01),
-            "auc_vs_single": auc(pm, ps),
-            "mem_mean": float(pm.mean()),
-            "heldout_mean": float(ph.mean()),
-        }
-    first, per_step = reference_magnitudes(pipe, h_prompts, h_seeds, steps, guidance_scale=gs)
-    levels = [level(first, per_step, q) for q in LEVELS]
-
-    # ---- methods on the memorized prompts
-    mid = levels[1]
-    prss_kw = {k: mid[k] for k in ("lambda_ss", "lambda_pr", "tau")}
-    arms: list[tuple[str, dict[str, Any]]] = [
-        ("none", {"prss": False}),
-        ("random_token", {"mitigation": "random_token"}),
-        ("gaussian_noise", {"mitigation": "gaussian_noise", "mitigation_params": {"sigma": 0.5}}),
-        ("wen", {"mitigation": "wen", "mitigation_params": {"target": mid["lambda_ss"]}}),
-        ("pr", {"prss_mode": "pr", **prss_kw}),
-        ("ss", {"prss_mode": "ss", **prss_kw}),
-    ] + [(f"prss q={lv['q']}", {k: lv[k] for k in ("lambda_ss", "lambda_pr", "tau")}) for lv in levels]
+    # ---- detection: Wen et al.'s first-step magnitude, memorized vs held-out (and once-seen) captions
+    det = cached(args.out, "detection", lambda: detection(pipe, mem_caps, held_caps, single_caps[:64], steps))
+    # ---- privacy levels from the memorized prompts' own trajectories (calibration seeds, not the test seeds)
+    # caches of everything that depends on the CFG scale carry it in their name (a rerun at another scale)
+    tag = f"cfg{gs:g}-steps{steps}"
+    cal = cached(args.out, f"calibration-{tag}", lambda: calibrate(pipe, mem_caps, held_caps, g, steps, gs))
+    levels = cal["levels"]
+    mid = next(lv for lv in levels if lv["defend"] == MID_LEVEL)
+    providers = candidate_providers(split, mem_caps)
+    arms = method_arms(levels, mid)
     results: list[dict[str, Any]] = []
-    base_secs = 1.0
     grids: dict[str, np.ndarray] = {}
-    for name, kw in arms:
-        gen, reps, secs = generate(pipe, m_prompts, m_seeds, steps, gs, **kw)
-        base_secs = secs if name == "none" else base_secs  # arms run back to back: time against the "none" arm
-        row = {"method": name, **judge(gen, m_prompts), "seconds": secs, "time_vs_plain": secs / base_secs}
-        row["triggered"] = float(np.mean([r.get("triggered", False) for r in reps]))
+    base_secs = None
+    for name, method, lvl, kw in arms:
+        if deadline is not None and time.time() > deadline:
+            raise BudgetSpent
+        kw = {**kw, "candidates": providers[kw["candidates"]]} if "candidates" in kw else kw
+        row_file = os.path.join(args.out, f"methods-{tag}", f"{name.replace(' ', '_')}.json")
+        gen_file = row_file[:-5] + ".npy"
+        if os.path.exists(row_file):
+            row, gen = json.loads(open(row_file).read()), np.load(gen_file)
+        else:
+            gen, reps, secs = generate(pipe, m_prompts, m_seeds, steps, gs, **kw)
+            row = {"name": name, "method": method, "level": lvl, **judge(gen, m_prompts, own), "seconds": secs}
+            row["triggered"] = float(np.mean([r.get("triggered", False) for r in reps]))
+            row["pr_steps"] = float(np.mean([r.get("pr_steps", 0) for r in reps]))
+            row["moved"] = float(
+                np.mean([r.get("chosen_prompt", p) != p for r, p in zip(reps, m_prompts, strict=True)])
+            )
+            os.makedirs(os.path.dirname(row_file), exist_ok=True)
+            np.save(gen_file, gen)
+            open(row_file, "w").write(json.dumps(row, default=float))
+        base_secs = row["seconds"] if name == "none" else base_secs
+        row["time_ratio"] = row["seconds"] / base_secs  # arms run back to back: time against the "none" arm
         results.append(row)
         grids[name] = gen
         console.print(
-            f"  {name:16s} copy {row['copy_mean']:.3f} (p95 {row['copy_p95']:.3f})  memorized "
-            f"{row['memorized']:.1%}  alignment {row['alignment']:.3f}  time x{row['time_vs_plain']:.2f}"
+            f"  {name:22s} copy {row['copy_mean']:.3f} (p95 {row['copy_p95']:.3f})  memorized "
+            f"{row['memorized_fraction']:.1%}  alignment {row['alignment']:.3f}  triggered {row['triggered']:.0%}"
+            f"  time x{row['time_ratio']:.2f}"
         )
 
     # ---- untriggered cost: held-out prompts under PRSS (mid level) vs plain CFG
-    gen_p, rep_hp, t_prss_h = generate(pipe, h_prompts, h_seeds, steps, gs, **prss_kw)
-    gen_0, _, t_plain_h = generate(pipe, h_prompts, h_seeds, steps, gs, prss=False)
-    untrig = [i for i, r in enumerate(rep_hp) if not r["triggered"]]
-    untriggered = {
-        "triggered_fraction": 1 - len(untrig) / len(rep_hp),
-        "time_vs_plain": t_prss_h / t_plain_h,
-        "untriggered_equal": bool(all(np.array_equal(gen_p[i], gen_0[i]) for i in untrig)),
-    }
+    mid_kw = {**{k: mid[k] for k in ("lambda_ss", "lambda_pr", "tau")}, "candidates": providers[DEFAULT_PROVIDER]}
 
-    # ---- the combined system
+    def untriggered_cost() -> dict[str, Any]:
+        gen_p, rep_hp, t_prss_h = generate(pipe, h_prompts, h_seeds, steps, gs, **mid_kw)
+        gen_0, _, t_plain_h = generate(pipe, h_prompts, h_seeds, steps, gs, prss=False)
+        untrig = [i for i, r in enumerate(rep_hp) if not r["triggered"]]
+        res = {
+            "level": MID_LEVEL,
+            "triggered_fraction": 1 - len(untrig) / len(rep_hp),
+            "time_ratio": t_prss_h / t_plain_h,
+            "untriggered_equal": bool(all(np.array_equal(gen_p[i], gen_0[i]) for i in untrig)),
+        }
+        if untrig:  # the untriggered images alone, sampled as a batch of their own: the x1.00 claim
+            only, seeds_u = [h_prompts[i] for i in untrig][:64], [h_seeds[i] for i in untrig][:64]
+            _, _, t_u_prss = generate(pipe, only, seeds_u, steps, gs, **mid_kw)
+            _, _, t_u_plain = generate(pipe, only, seeds_u, steps, gs, prss=False)
+            res["untriggered_time_ratio"] = t_u_prss / t_u_plain
+        return res
+
+    untriggered = cached(args.out, f"untriggered-{tag}", untriggered_cost)
+
+    # ---- the combined system: IET-AGC+ training, then PRSS calibrated on that model
     combined = None
     if plus_run is not None:
-        pipe2 = load_served_t2i(os.path.join(plus_run, "served"))
-        gen_a, _, _ = generate(pipe2, m_prompts, m_seeds, steps, gs, prss=False)
-        gen_b, _, _ = generate(pipe2, m_prompts, m_seeds, steps, gs, **prss_kw)
+        pipe2 = on_device(load_served_t2i(os.path.join(plus_run, "served")))
+        cal2 = cached(
+            args.out, f"calibration-iet-agc-plus-{tag}", lambda: calibrate(pipe2, mem_caps, held_caps, g, steps, gs)
+        )
+
+        def defended_model() -> dict[str, Any]:
+            gen_a, _, _ = generate(pipe2, m_prompts, m_seeds, steps, gs, prss=False)
+            rows = {"IET-AGC+ + none": judge(gen_a, m_prompts, own)}
+            for lv in cal2["levels"]:
+                kw = {
+                    **{k: lv[k] for k in ("lambda_ss", "lambda_pr", "tau")},
+                    "candidates": providers[DEFAULT_PROVIDER],
+                }
+                gen_b, _, _ = generate(pipe2, m_prompts, m_seeds, steps, gs, **kw)
+                rows[f"IET-AGC+ + PRSS {lv['defend']}"] = judge(gen_b, m_prompts, own)
+            return rows
+
         combined = {
-            "plain + none": next(r for r in results if r["method"] == "none"),
-            "IET-AGC+ + none": judge(gen_a, m_prompts),
-            "IET-AGC+ + PRSS": judge(gen_b, m_prompts),
+            "plain + none": {k: v for k, v in results[0].items() if k not in ("name", "method", "level")},
+            **cached(args.out, f"combined-{tag}", defended_model),
         }
 
     summary = {
         "size": args.size,
+        "guidance_scale": gs,
         "config": size.__dict__,
         "alignment_model": {"name": align.name, **{k: v for k, v in align.info.items() if isinstance(v, int | float)}},
         "copy_calibration": judge.calibration,
         "extractor": judge.extractor.name,
+        "regime": model_regime,
         "detection": det,
+        "calibration": cal,
         "levels": levels,
+        "default_provider": DEFAULT_PROVIDER,
         "methods": results,
         "untriggered": untriggered,
         "combined": combined,
+        "targets": targets(results, combined, untriggered),
         "wall_s": time.perf_counter() - t_start,
+        "command": " ".join(["python", "jobs/bench_prss.py", *(argv if argv is not None else sys.argv[1:])]),
     }
-    open(os.path.join(args.out, "results.json"), "w").write(json.dumps(summary, indent=2, default=float))
-    write_markdown(summary, args.out, " ".join(["python", "jobs/bench_prss.py", *(argv or sys.argv[1:])]))
+    write_json(os.path.join(args.out, "summary.json"), summary)
     plot(summary, os.path.join(args.out, "prss.png"))
     sample_grid(grids, mem_imgs, g, os.path.join(args.out, "memorized_prompts.png"))
-    console.print(f"wrote {args.out}/results.md, results.json, prss.png, memorized_prompts.png")
+    open(os.path.join(args.out, "results.md"), "w").write(render(summary, "prss.png"))
+    console.print(f"wrote {args.out}/summary.json, results.md, prss.png, memorized_prompts.png")
+    if args.publish:
+        publish(args.out, args.size)
     return 0
 
 
-def write_markdown(s: dict[str, Any], out: str, command: str) -> None:
-    base = next(r for r in s["methods"] if r["method"] == "none")
+def publish(out: str, size: str) -> None:
+    """Copy summary.json and the plots to docs/results/bench-prss-SIZE* (BENCHMARKS.md is generated from them)."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    for name, suffix in (("summary.json", ".json"), ("prss.png", ".png"), ("memorized_prompts.png", "-memorized.png")):
+        shutil.copyfile(os.path.join(out, name), os.path.join(RESULTS_DIR, f"bench-prss-{size}{suffix}"))
+    console.print(f"published docs/results/bench-prss-{size}.json; now run python jobs/benchmarks_md.py")
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.0%}"
+
+
+def render(s: dict[str, Any], plot_path: str) -> str:
+    """BENCHMARKS.md's generated block for one size: calibration, methods, detection, time, combined."""
+    base = s["methods"][0]
+    c = s["config"]
     lines = [
-        f"## PRSS benchmark, size `{s['size']}`",
+        f"Command: `{s['command']}`",
         "",
-        f"Command: `{command}`",
+        f"Model: `{c['preset']}` text-conditional UNet at {c['image_size']} px, {c['train_steps']} steps at batch "
+        f"{c['batch_size']}, caption dropout {c['caption_dropout']}; {c['num_memorized']} memorized captions (each "
+        f"image x{c['duplicates']}), {c['num_single']} seen once, {c['num_heldout']} held out; "
+        f"{c['gens_per_prompt']} generations per memorized prompt, {c['sample_steps']}-step DDIM, "
+        f"**CFG {s['guidance_scale']}**.",
         "",
-        "| method | copy sim. mean | vs none | copy p95 | over threshold | memorized (1/3 rule) | alignment | "
-        "vs none | triggered | time vs plain CFG |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "Regime of the undefended model (memorized prompts: share of generations that copy their own image "
+        "by the 1/3 rule; held-out prompts: share that copy any training image):",
+        "",
+        "| CFG | memorized prompts copy their image | memorized images copied at least once | their copy similarity "
+        "| their alignment | held-out prompts copying | held-out alignment |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in s["regime"]:
+        m, h = r["memorized_prompts"], r["heldout_prompts"]
+        lines.append(
+            f"| {r['guidance_scale']} | {m['copies_own']:.1%} | {m.get('images_copied', float('nan')):.0%} | "
+            f"{m['copy_mean']:.3f} | {m['alignment']:.3f} | "
+            f"{h['memorized_fraction']:.1%} | {h['alignment']:.3f} |"
+        )
+    lines += [
+        "",
+        "Memorized prompts, same seeds for every method (copy similarity: "
+        f"{s['extractor']}, threshold {s['copy_calibration']['threshold']:.3f}; alignment with the ORIGINAL prompt: "
+        f"{s['alignment_model']['name']}, held-out retrieval top-1 {s['alignment_model'].get('holdout_top1', 0):.2f}):",
+        "",
+        "| method | level | copy mean | vs none | copy p95 | memorized | vs none | images copied | alignment | "
+        "vs none | triggered | time ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in s["methods"]:
+        mem_rel = r["memorized_fraction"] / base["memorized_fraction"] - 1 if base["memorized_fraction"] else None
         lines.append(
-            f"| {r['method']} | {r['copy_mean']:.3f} | {r['copy_mean'] / base['copy_mean'] - 1:+.0%} | "
-            f"{r['copy_p95']:.3f} | {r['copy_over']:.1%} | {r['memorized']:.1%} | {r['alignment']:.3f} | "
-            f"{r['alignment'] / base['alignment'] - 1:+.1%} | {r['triggered']:.0%} | x{r['time_vs_plain']:.2f} |"
+            f"| {r['method']} | {'' if r['level'] is None else r['level']} | {r['copy_mean']:.3f} | "
+            f"{_pct(r['copy_mean'] / base['copy_mean'] - 1)} | {r['copy_p95']:.3f} | {r['memorized_fraction']:.1%} | "
+            f"{_pct(mem_rel)} | {r.get('images_copied', float('nan')):.0%} | {r['alignment']:.3f} | "
+            f"{r['alignment'] / base['alignment'] - 1:+.1%} | "
+            f"{r['triggered']:.0%} | x{r['time_ratio']:.2f} |"
         )
-    c = s["config"]
     lines += [
         "",
-        f"{c['num_memorized']} memorized captions (each image x{c['duplicates']} in training), "
-        f"{c['gens_per_prompt']} generations each, {c['sample_steps']}-step DDIM, CFG {c['guidance_scale']}; "
-        "copy similarity: "
-        f"{s['extractor']} cosine to the most similar training image, threshold "
-        f"{s['copy_calibration']['threshold']:.3f} (calibrated: TPR {s['copy_calibration']['tpr']:.1%} at FPR "
-        f"{s['copy_calibration']['fpr']:.1%}); alignment: {s['alignment_model']['name']}, cosine with the original "
-        f"prompt (held-out retrieval top-1 {s['alignment_model'].get('holdout_top1', float('nan')):.2f}).",
+        "Levels are the share of memorized prompts to defend (thresholds from those prompts' own undefended "
+        "trajectories on calibration seeds); random_token's level is the number of added words, gaussian_noise's "
+        "the sigma, Wen's the level whose lambda_ss it optimises down to. pr, ss and the other candidate providers "
+        f"run at level {MID_LEVEL}; the PRSS levels use the `{s['default_provider']}` provider.",
         "",
-        "Privacy levels (thresholds from held-out prompts' magnitudes):",
-        "",
-        "| q | lambda_ss | lambda_pr | tau |",
-        "|---|---|---|---|",
+        "| level | lambda_ss | lambda_pr | tau | memorized prompts triggered (calibration) | held-out triggered |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {lv['q']} | {lv['lambda_ss']:.3f} | {lv['lambda_pr']:.3f} | {lv['tau']:.3f} |" for lv in s["levels"]]
+    lines += [
+        f"| {lv['defend']} | {lv['lambda_ss']:.3f} | {lv['lambda_pr']:.3f} | {lv['tau']:.3f} | "
+        f"{lv['memorized_triggered']:.0%} | {lv.get('heldout_triggered', float('nan')):.0%} |"
+        for lv in s["levels"]
+    ]
     lines += [
         "",
-        "Detection (first-step magnitude, memorized vs held-out prompts):",
+        "Detection (first-step magnitude, memorized against held-out prompts):",
         "",
-        "| generations per prompt | AUC | TPR at 1% FPR | AUC vs single-seen captions |",
+        "| generations per prompt | AUC | TPR at 1% FPR | AUC against once-seen captions |",
         "|---|---|---|---|",
     ]
-    for n, d in s["detection"].items():
-        lines.append(f"| {n} | {d['auc_vs_heldout']:.3f} | {d['tpr1_vs_heldout']:.1%} | {d['auc_vs_single']:.3f} |")
+    lines += [
+        f"| {n} | {d['auc']:.3f} | {d['tpr_at_1pct_fpr']:.1%} | {d['auc_vs_single']:.3f} |"
+        for n, d in s["detection"].items()
+    ]
     u = s["untriggered"]
     lines += [
         "",
-        f"Held-out prompts under PRSS (q = 0.9): {u['triggered_fraction']:.1%} triggered, time x"
-        f"{u['time_vs_plain']:.2f} of plain CFG, untriggered images bit-identical to plain CFG: "
-        f"{u['untriggered_equal']}.",
+        f"Held-out prompts under PRSS (level {u['level']}): {u['triggered_fraction']:.1%} triggered; the mixed batch "
+        f"costs x{u['time_ratio']:.2f} of plain CFG"
+        + (
+            f", the untriggered prompts alone x{u['untriggered_time_ratio']:.2f}"
+            if "untriggered_time_ratio" in u
+            else ""
+        )
+        + f"; untriggered images bit-identical to plain CFG: {u['untriggered_equal']}.",
     ]
-    if s["combined"]:
+    if s.get("combined"):
         lines += [
             "",
-            "Combined system (memorized prompts):",
+            "Combined system (memorized prompts; PRSS levels calibrated on the IET-AGC+ model):",
             "",
-            "| training + sampling | copy sim. mean | copy p95 | memorized | alignment |",
+            "| training + sampling | copy mean | copy p95 | memorized | alignment |",
             "|---|---|---|---|---|",
         ]
-        for k, r in s["combined"].items():
-            lines.append(
-                f"| {k} | {r['copy_mean']:.3f} | {r['copy_p95']:.3f} | {r['memorized']:.1%} | {r['alignment']:.3f} |"
-            )
-    lines += ["", "![privacy vs alignment](prss.png)", "", "![memorized prompts](memorized_prompts.png)", ""]
-    open(os.path.join(out, "results.md"), "w").write("\n".join(lines))
+        lines += [
+            f"| {k} | {r['copy_mean']:.3f} | {r['copy_p95']:.3f} | {r['memorized_fraction']:.1%} "
+            f"| {r['alignment']:.3f} |"
+            for k, r in s["combined"].items()
+        ]
+    lines += ["", f"![privacy vs alignment]({plot_path})", ""]
+    return "\n".join(lines)
 
 
 def plot(s: dict[str, Any], path: str) -> None:
+    """Copy similarity against alignment: a curve per method over its levels, the undefended point alone."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    pr = [r for r in s["methods"] if r["method"].startswith("prss")]
-    ax.plot([r["copy_mean"] for r in pr], [r["alignment"] for r in pr], "o-", label="PRSS (privacy levels)")
-    for r in s["methods"]:
-        if not r["method"].startswith("prss"):
-            ax.scatter(r["copy_mean"], r["alignment"], marker="s")
-            ax.annotate(
-                r["method"], (r["copy_mean"], r["alignment"]), fontsize=8, xytext=(4, 4), textcoords="offset points"
-            )
-    ax.set_xlabel("copy similarity (mean, lower = more private)")
+    fig, ax = plt.subplots(figsize=(7, 5))
+    methods = list(dict.fromkeys(r["method"] for r in s["methods"]))
+    for m in methods:
+        rows = [r for r in s["methods"] if r["method"] == m]
+        x, y = [r["copy_mean"] for r in rows], [r["alignment"] for r in rows]
+        style = "*" if m == "none" else ("o-" if len(rows) > 1 else "s")
+        ax.plot(x, y, style, label=m, markersize=12 if m == "none" else 6, lw=2.5 if m == "prss" else 1.2)
+        for r in rows if len(rows) > 1 else []:
+            ax.annotate(str(r["level"]), (r["copy_mean"], r["alignment"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+    ax.set_xlabel(f"copy similarity, mean ({s['extractor']}; lower = more private)")
     ax.set_ylabel("alignment with the original prompt")
-    ax.legend()
-    ax.set_title("Memorized prompts: privacy vs alignment")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Memorized prompts at CFG {s['guidance_scale']}: privacy against alignment")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -487,7 +898,8 @@ def sample_grid(grids: dict[str, np.ndarray], train: np.ndarray, g: int, path: s
     """Rows: memorized prompts; columns: the training image, then one generation per method."""
     from memshard.models.sampling import grid
 
-    names = [n for n in ("none", "random_token", "wen", "ss", "pr", "prss q=0.9") if n in grids]
+    wanted = ("none", "random_token 4", "gaussian_noise 0.3", f"wen {MID_LEVEL}", f"ss {MID_LEVEL}", f"pr {MID_LEVEL}")
+    names = [n for n in (*wanted, f"prss {MID_LEVEL}", *(f"prss-{p} {MID_LEVEL}" for p in PROVIDERS)) if n in grids]
     tiles = []
     for i in range(min(rows, len(train))):
         tiles.append(train[i])

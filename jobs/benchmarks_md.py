@@ -29,7 +29,12 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 RESULTS = os.path.join(ROOT, "docs", "results")
 BENCHMARKS = os.path.join(ROOT, "BENCHMARKS.md")
 # docs/results/<prefix>-SIZE.json -> the job whose `render(summary, plot_path)` draws it
-RENDERERS = {"bench-memorization": "bench_memorization", "serve": "load_serve", "sweep-frontier": "sweep_frontier"}
+RENDERERS = {
+    "bench-memorization": "bench_memorization",
+    "bench-prss": "bench_prss",
+    "serve": "load_serve",
+    "sweep-frontier": "sweep_frontier",
+}
 _BLOCK = re.compile(
     r"(<!-- BEGIN generated: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- END generated: (?P=name) -->)", re.S
 )

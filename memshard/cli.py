@@ -5,7 +5,7 @@
     memshard prepare SOURCE --out DATA.parquet [--size N] [--channels 1|3] [--limit N] [--duplicate D:M]
     memshard sample RUN [--num 64] [--steps 50] [--weights ema|raw] [--out grid.png]
     memshard sample RUN --prompt TEXT|--prompts-file F [--prss|--no-prss] [--lambda-ss X] [--out DIR]
-    memshard calibrate-prss RUN [--quantile 0.95]   (PRSS thresholds from the run's own magnitudes)
+    memshard calibrate-prss RUN [--defend 0.9]   (PRSS thresholds from the run's own magnitudes)
     memshard serve RUN [--port 8000] [--lambda-ss X]  (HTTP endpoint with Ray Serve; PRSS floor server-side)
     memshard sweep CONFIG --param agc.ratio=uniform(1.1,3) [--samples N] [--out DIR]  (Ray Tune, ASHA)
     memshard compare CONFIG [--set ...] [--out DIR]   (method vs plain training: every checkpoint, matched quality)
@@ -339,9 +339,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_calibrate_prss(args: argparse.Namespace) -> int:
     from memshard.prss.calibration import calibrate_run
 
-    out = calibrate_run(args.run, q=args.quantile, num_prompts=args.num_prompts, steps=args.steps, seed=args.seed)
+    if args.quantile is not None and args.defend is not None:
+        raise ConfigError("--quantile and --defend are two ways to state one level: give one")
+    for flag, v in (("--defend", args.defend), ("--quantile", args.quantile)):
+        if v is not None and not 0 < v < 1:
+            raise ConfigError(f"{flag} {v:g}: a privacy level is a share, strictly between 0 and 1")
+    out = calibrate_run(
+        args.run, q=args.quantile, defend=args.defend, num_prompts=args.num_prompts, steps=args.steps, seed=args.seed
+    )
+    if "defend" in out:
+        what = (
+            f"defend {out['defend']:.0%} of the duplicated captions ({out['memorized_triggered']:.0%} of them trigger"
+            + (f", {out['heldout_triggered']:.0%} of once-seen captions" if "heldout_triggered" in out else "")
+            + ")"
+        )
+    else:
+        what = f"quantile q={out['q']}"
     print(
-        f"privacy level q={out['q']}: lambda_ss={out['lambda_ss']:.4g} lambda_pr={out['lambda_pr']:.4g} "
+        f"privacy level: {what}: lambda_ss={out['lambda_ss']:.4g} lambda_pr={out['lambda_pr']:.4g} "
         f"tau={out['tau']:.4g} (from {out['reference']}); written to {args.run}/prss/calibration.json, "
         "used by `memshard sample` unless thresholds are given"
     )
@@ -686,7 +701,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate-prss", help="set a text-to-image run's PRSS thresholds from its own magnitudes")
     cal.add_argument("run", help="run directory")
-    cal.add_argument("--quantile", type=float, default=0.95, help="privacy level q: about 1-q of captions trigger")
+    cal.add_argument(
+        "--defend", type=float, help="privacy level: share of the run's duplicated captions to defend (default 0.9)"
+    )
+    cal.add_argument(
+        "--quantile", type=float, help="privacy level q over random training captions: about 1-q trigger (the "
+        "fallback when no caption is duplicated)",
+    )  # fmt: skip
     cal.add_argument("--num-prompts", type=POSITIVE, default=64, help="training captions sampled for the reference")
     cal.add_argument("--steps", type=POSITIVE, default=50, help="sampling steps of the reference trajectories")
     cal.add_argument("--seed", type=NON_NEGATIVE, default=0, help="which captions and noise")

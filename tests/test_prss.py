@@ -368,3 +368,28 @@ def test_load_bank(tmp_path) -> None:
     assert isinstance(make_provider("perturb"), PerturbProvider)
     with pytest.raises(ValueError, match="bank"):
         make_provider("bank")
+
+
+def test_defended_level_triggers_the_share_of_memorized_prompts_it_names():
+    """A level of 0.75 triggers on 3 in 4 memorized prompts and re-anchors on 3 in 4 of their steps."""
+    import numpy as np
+
+    from memshard.prss.calibration import TAU_RATIO, defended_level
+
+    mem_first = np.arange(1.0, 101.0)  # 100 memorized prompts, m = 1 .. 100
+    mem_steps = np.arange(10.0, 1010.0, 10.0)
+    held = np.array([0.5, 10.0, 30.0, 90.0])
+    lv = defended_level(mem_first, mem_steps, 0.75, held)
+    assert lv["memorized_triggered"] == pytest.approx(0.75, abs=0.01)
+    assert np.mean(mem_first > lv["lambda_ss"]) == lv["memorized_triggered"]
+    assert np.mean(mem_steps > lv["lambda_pr"]) == pytest.approx(0.75, abs=0.01)
+    assert lv["tau"] == pytest.approx(lv["lambda_pr"] * TAU_RATIO)
+    assert lv["heldout_triggered"] == 0.5  # 30 and 90 are above lambda_ss (about 25.75)
+    # defending more lowers both thresholds (never raises them)
+    hi = defended_level(mem_first, mem_steps, 0.95)
+    assert hi["lambda_ss"] < lv["lambda_ss"] and hi["lambda_pr"] < lv["lambda_pr"] and "heldout_triggered" not in hi
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="share of memorized prompts"):
+            defended_level(mem_first, mem_steps, bad)
+    with pytest.raises(ValueError, match="at least one memorized prompt"):
+        defended_level([], mem_steps, 0.5)

@@ -103,6 +103,11 @@ def test_caption_dropout_uses_the_empty_prompt():
     assert (cond.mask[dropped].sum(1) == 1).all() and (cond.mask[~dropped].sum(1) == length).all()
     cond2 = proxy._cond(data, torch.arange(n), torch.Generator().manual_seed(0))
     assert torch.equal(cond.states, cond2.states)  # seeded
+    # a round reports the rate the model actually saw (what the shard summary and the benchmark record)
+    res = proxy.train_round(0, data, steps=20)
+    assert res.captions_dropped is not None and 0.35 < res.captions_dropped < 0.65
+    data.empty_text = None  # no empty prompt: nothing can be dropped, and the report says so
+    assert proxy.train_round(1, data, steps=2).captions_dropped == 0.0
 
 
 def test_text_model_needs_a_caption_column(ray_cluster, tmp_path):
@@ -262,6 +267,35 @@ def test_calibrate_prss_sets_the_thresholds_sample_uses(t2i_run, tmp_path):
     assert level([1.0, 2.0, 3.0], [4.0, 6.0], 0.5) == {"q": 0.5, "lambda_ss": 2.0, "lambda_pr": 5.0, "tau": 5.0 * 5 / 3}
     with pytest.raises(ValueError, match="quantile"):
         level([1.0], [1.0], 1.0)
+
+
+def test_calibrate_prss_defends_the_duplicated_captions_by_default(ray_cluster, tmp_path, capsys):
+    """On a set with duplicated captions the default level is stated against them, its cost against the rest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from memshard.cli import main
+    from memshard.prss.calibration import DEFAULT_DEFEND, duplicated_captions, load_calibration
+    from memshard.runtime.driver import train
+
+    data = write_captioned_parquet(str(tmp_path / "d.parquet"), 16)
+    table = pq.read_table(data)
+    caps = table.column("caption").to_pylist()
+    caps[:8] = ["a red square"] * 5 + ["a green circle"] * 3  # two duplicated captions, eight once-seen
+    pq.write_table(table.set_column(2, "caption", pa.array(caps)), data)
+    assert duplicated_captions(caps) == (["a red square", "a green circle"], sorted(caps[8:]))
+    cfg = load_config(t2i_config(data, {"shards": {"count": 1}}), [o for o in TINY if not o.startswith("data.limit")])
+    run = train(cfg, out=str(tmp_path / "run")).run_uri
+    for bad in (["--defend", "1.5"], ["--defend", "0.9", "--quantile", "0.5"]):
+        assert main(["calibrate-prss", run, *bad]) == 2
+        assert "--" in capsys.readouterr().err
+    assert load_calibration(run) is None  # refused before any work
+    assert main(["calibrate-prss", run, "--num-prompts", "4", "--steps", "3"]) == 0
+    cal = load_calibration(run)
+    assert cal["defend"] == DEFAULT_DEFEND and "duplicated" in cal["reference"]
+    assert cal["lambda_ss"] < cal["first_step_quantiles"]["0.99"]  # the 0.1-quantile of the duplicated ones
+    assert 0.5 <= cal["memorized_triggered"] <= 1.0 and 0.0 <= cal["heldout_triggered"] <= 1.0
+    assert "defend 90% of the duplicated captions" in capsys.readouterr().out
 
 
 def test_bad_pipeline_or_encoder_is_refused_before_the_run_dir(ray_cluster, tmp_path):

@@ -133,6 +133,7 @@ class RoundResult:
     extra_steps: int = 0  # TAA queue/prototype: steps on augmented batches (queue: part of ``steps``)
     nonfinite_steps: int = 0  # steps of this round skipped for a NaN/inf loss (part of ``steps``)
     nonfinite_ids: np.ndarray | None = None  # ids of the samples whose loss was NaN/inf this round
+    captions_dropped: float | None = None  # text models: share of this round's conditions that were the empty prompt
 
     def as_columns(self) -> dict[str, np.ndarray]:
         n = len(self.ids)
@@ -210,6 +211,8 @@ class Proxy:
         self.taa_strength: dict[int, float] = {}  # TAA inline mode: last strength per sample id
         self.last_round_seed: int | None = None
         self.nonfinite_steps = 0  # steps skipped for a NaN/inf loss over all rounds
+        self._drop_count: torch.Tensor | None = None  # caption dropout counters, reset by each train_round
+        self._cond_count = 0
         self.nonfinite_ids: list[int] = []  # their offending sample ids, sorted, at most NONFINITE_IDS_KEPT
         self.amp_dtype = self._amp_dtype()
         self.text_mask = True  # pass caption masks to the UNet; set per round from the shard (CLIP: no mask)
@@ -400,6 +403,9 @@ class Proxy:
         learn = taa is None or taa.mode != "prototype"
         extra_steps = 0
         regular = 0  # batches of the precomputed order consumed
+        # caption dropout as the model sees it: dropped and drawn conditions, counted on the device
+        self._drop_count = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._cond_count = 0
 
         i = 0
         while i < steps:
@@ -494,6 +500,7 @@ class Proxy:
             extra_steps=extra_steps,
             nonfinite_steps=round_bad,
             nonfinite_ids=round_bad_ids,
+            captions_dropped=int(self._drop_count.item()) / self._cond_count if self._cond_count else None,  # one sync
         )
 
     def _check_nonfinite(
@@ -535,8 +542,11 @@ class Proxy:
         if data.text is not None and self.cfg.model.text_conditional:
             cond = data.text.index(idx)
             p = self.cfg.model.caption_dropout
+            self._cond_count += idx.numel()
             if p > 0 and data.empty_text is not None:
                 drop = torch.rand(idx.numel(), generator=gen, device=self.device) < p
+                if self._drop_count is not None:
+                    self._drop_count += drop.sum()
                 empty = data.empty_text.to(self.device)
                 states = torch.where(drop.view(-1, 1, 1), empty.states.to(cond.states.dtype), cond.states)
                 mask = torch.where(drop.view(-1, 1), empty.mask, cond.mask)

@@ -59,13 +59,24 @@ COND_UNET_PRESETS: dict[str, dict[str, Any]] = {
         "norm_num_groups": 8,
         "attention_head_dim": 8,
     },
-    # ~2M: cross-attention at the two lower resolutions.
+    # ~2M: cross-attention at the two lower resolutions; ~4 steps/s at batch 32, 16x16 on 2
+    # CPU cores: the PRSS benchmark's cpu model, which holds CFG 7.5 (BENCHMARKS.md).
     "small": {
         "layers_per_block": 1,
         "block_out_channels": (32, 64, 64),
         "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         "norm_num_groups": 16,
+        "attention_head_dim": 8,
+    },
+    # a GPU-sized model for 32-64 px (the PRSS benchmark's gpu size): two layers a block,
+    # cross-attention at the two lower resolutions.
+    "base": {
+        "layers_per_block": 2,
+        "block_out_channels": (64, 128, 256),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 32,
         "attention_head_dim": 8,
     },
 }

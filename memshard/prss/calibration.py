@@ -12,8 +12,16 @@ privacy level is therefore a quantile q of reference prompts' magnitudes:
 
 Against benign (held-out) prompts, q is one minus the false-trigger rate; against the
 training captions themselves, 1 - q is the share of the most memorization-prone captions
-flagged. ``memshard calibrate-prss RUN`` writes ``RUN/prss/calibration.json``, which
-``memshard sample`` uses when no threshold is given on the command line.
+flagged.
+
+A privacy level can instead be stated as the share of memorized prompts to defend
+(:func:`defended_level`): thresholds from the magnitudes of memorized prompts' own
+trajectories, the first step for lambda_ss and every step for lambda_pr, so that a level
+of 0.9 triggers on 9 in 10 memorized prompts and re-anchors on 9 in 10 of their steps. A
+model owner has those prompts: the captions their training set holds many times. This is
+the default of ``memshard calibrate-prss RUN`` (``--defend 0.9``; ``--quantile`` for the
+first kind), which writes ``RUN/prss/calibration.json``; ``memshard sample`` uses it when
+no threshold is given on the command line.
 """
 
 from __future__ import annotations
@@ -37,6 +45,34 @@ def level(first: Sequence[float] | np.ndarray, per_step: Sequence[float] | np.nd
         raise ValueError("need magnitudes of at least one reference prompt")
     lpr = float(np.quantile(steps_a, q))
     return {"q": q, "lambda_ss": float(np.quantile(first_a, q)), "lambda_pr": lpr, "tau": lpr * TAU_RATIO}
+
+
+def defended_level(
+    mem_first: Sequence[float] | np.ndarray,
+    mem_per_step: Sequence[float] | np.ndarray,
+    defend: float,
+    heldout_first: Sequence[float] | np.ndarray | None = None,
+) -> dict[str, float]:
+    """Thresholds that defend a share ``defend`` of memorized prompts, from their own trajectories.
+
+    lambda_ss = the (1 - defend)-quantile of memorized prompts' first-step magnitudes (the
+    trigger is m > lambda_ss, so about ``defend`` of them trigger); lambda_pr = the
+    (1 - defend)-quantile of their per-step magnitudes (re-anchoring acts on about that
+    share of a memorized trajectory's steps); tau = lambda_pr * 5/3. With
+    ``heldout_first`` the cost is reported too: the share of benign prompts that trigger.
+    """
+    if not 0 < defend < 1:
+        raise ValueError(f"share of memorized prompts to defend must be in (0, 1), got {defend}")
+    first_a, steps_a = np.asarray(mem_first, dtype=np.float64), np.asarray(mem_per_step, dtype=np.float64)
+    if first_a.size == 0 or steps_a.size == 0:
+        raise ValueError("need magnitudes of at least one memorized prompt")
+    lss, lpr = float(np.quantile(first_a, 1 - defend)), float(np.quantile(steps_a, 1 - defend))
+    out = {"defend": defend, "lambda_ss": lss, "lambda_pr": lpr, "tau": lpr * TAU_RATIO}
+    out["memorized_triggered"] = float(np.mean(first_a > lss))
+    if heldout_first is not None:
+        held = np.asarray(heldout_first, dtype=np.float64)
+        out["heldout_triggered"] = float(np.mean(held > lss)) if held.size else float("nan")
+    return out
 
 
 def reference_magnitudes(
@@ -63,15 +99,41 @@ def reference_magnitudes(
     return np.asarray(first), np.asarray(per_step)
 
 
+DEFAULT_DEFEND = 0.9  # calibrate-prss's default level: defend 9 in 10 of the run's duplicated captions
+
+
+def duplicated_captions(captions: Sequence[str], min_copies: int = 2) -> tuple[list[str], list[str]]:
+    """(captions held at least ``min_copies`` times, most copies first; captions held once), blanks dropped.
+
+    The duplicated ones are the prompts a model memorizes first (LAION's lesson), so they are
+    the reference a privacy level is stated against; the once-seen ones are the benign side.
+    """
+    from collections import Counter
+
+    counts = Counter(c for c in captions if c.strip())
+    dup = sorted((c for c, n in counts.items() if n >= min_copies), key=lambda c: (-counts[c], c))
+    return dup, sorted(c for c, n in counts.items() if n == 1)
+
+
 def calibrate_run(
     run: str,
-    q: float = 0.95,
+    q: float | None = None,
     num_prompts: int = 64,
     steps: int = 50,
     seed: int = 0,
     guidance_scale: float | None = None,
+    defend: float | None = None,
+    seeds_per_prompt: int = 2,
 ) -> dict[str, Any]:
-    """Calibrate a text-to-image run's thresholds on its own training captions; writes RUN/prss/calibration.json."""
+    """Calibrate a text-to-image run's thresholds on its own training captions; writes RUN/prss/calibration.json.
+
+    By default (neither ``q`` nor ``defend``) the level defends DEFAULT_DEFEND of the run's
+    duplicated captions: thresholds from the undefended trajectories of up to ``num_prompts``
+    of its most duplicated captions (``seeds_per_prompt`` seeds each), with the share of
+    once-seen captions that would trigger reported as the cost. A training set without
+    duplicated captions, or an explicit ``q``, falls back to the quantile level over
+    ``num_prompts`` random training captions (about 1 - q of them trigger).
+    """
     from memshard.data import load_captions
     from memshard.io.rundir import RunDir
     from memshard.prss.pipeline import load_served_t2i
@@ -81,11 +143,17 @@ def calibrate_run(
     if manifest is None:
         raise FileNotFoundError(f"{run}: no run (run.json missing)")
     ids, _ = rd.read_assignment(0)
-    captions = sorted({c for c in load_captions(manifest["data_uri"], np.sort(ids)) if c.strip()})
+    all_caps = load_captions(manifest["data_uri"], np.sort(ids))
+    dup, once = duplicated_captions(all_caps)
+    captions = sorted({c for c in all_caps if c.strip()})
     if not captions:
         raise ValueError(f"{run}: the training set has no non-empty captions")
     rng = np.random.default_rng(seed)
-    chosen = [captions[i] for i in sorted(rng.choice(len(captions), min(num_prompts, len(captions)), replace=False))]
+
+    def pick(pool: list[str]) -> list[str]:
+        return [pool[i] for i in sorted(rng.choice(len(pool), min(num_prompts, len(pool)), replace=False))]
+
+    by_share = q is None and (defend is not None or bool(dup))
     rd.check_served()
     with rd.store.local_copy("served") as local:
         pipe = load_served_t2i(local)
@@ -95,16 +163,40 @@ def calibrate_run(
             from memshard.config import build_config
 
             guidance_scale = build_config(manifest["config"]).prss.guidance_scale
-        first, per_step = reference_magnitudes(
-            pipe, chosen, list(range(len(chosen))), steps, guidance_scale=guidance_scale
-        )
-    out = {
-        **level(first, per_step, q),
-        "reference": f"{len(chosen)} training captions of the run",
-        "steps": steps,
-        "guidance_scale": guidance_scale,
-        "first_step_quantiles": {str(p): float(np.quantile(first, p)) for p in (0.5, 0.9, 0.95, 0.99)},
-    }
+        if by_share:
+            if not dup:
+                raise ValueError(
+                    f"{run}: no caption occurs twice in the training set, so there are no duplicated captions to "
+                    "defend; state the level as a quantile instead (--quantile)"
+                )
+            mem = [c for c in dup[:num_prompts] for _ in range(seeds_per_prompt)]
+            first, per_step = reference_magnitudes(
+                pipe, mem, list(range(len(mem))), steps, guidance_scale=guidance_scale
+            )
+            benign = pick(once) if once else []
+            held_first = (
+                reference_magnitudes(pipe, benign, list(range(len(benign))), steps, guidance_scale=guidance_scale)[0]
+                if benign
+                else None
+            )
+            out = {
+                **defended_level(first, per_step, defend or DEFAULT_DEFEND, held_first),
+                "reference": f"{min(len(dup), num_prompts)} most duplicated training captions x {seeds_per_prompt} "
+                f"seeds; cost on {len(benign)} once-seen captions",
+            }
+        else:
+            chosen = pick(captions)
+            first, per_step = reference_magnitudes(
+                pipe, chosen, list(range(len(chosen))), steps, guidance_scale=guidance_scale
+            )
+            out = {**level(first, per_step, q or 0.95), "reference": f"{len(chosen)} training captions of the run"}
+    out.update(
+        {
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "first_step_quantiles": {str(p): float(np.quantile(first, p)) for p in (0.5, 0.9, 0.95, 0.99)},
+        }
+    )
     rd.store.write_text("prss/calibration.json", json.dumps(out, indent=2))
     return out
 

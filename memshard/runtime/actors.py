@@ -151,6 +151,7 @@ class ShardActor:
             "skip_rate": result.skip_rate,
             "extra_steps": result.extra_steps,
             "nonfinite_steps": result.nonfinite_steps,  # skipped for a NaN/inf loss (part of steps)
+            "captions_dropped": result.captions_dropped,  # text models: the dropout rate the model saw
             "train_s": train_s,
             "data_s": data_s,  # reading + decoding new rows and moving the shard to the device (part of train_s)
             "compile": self.proxy.model.status,  # off / verified / rejected: <why>
