@@ -72,7 +72,7 @@ class Size:
     cpus: float
     align_steps: int = 400
     # CFG scale of every arm: the spec's 7.5 (Stable Diffusion's), the regime PRSS is for.
-    # The first cpu size (tiny UNet, dropout 0.1) only worked at 1.5; see BENCHMARKS.md.
+    # Neither cpu model holds it (their samples turn to colour noise), so they run at 1.5.
     guidance_scale: float = 7.5
     caption_dropout: float = 0.1  # share of training captions replaced by the empty prompt
     max_text_length: int = 16
@@ -116,7 +116,8 @@ SIZES = {
 # least to most private; MID_LEVEL is the one the single-level arms (pr, ss, providers) use.
 DEFEND_LEVELS = (0.5, 0.75, 0.9, 0.97)
 MID_LEVEL = 0.9
-# Candidate providers reported; the PRSS levels use DEFAULT_PROVIDER (what `memshard sample` defaults to).
+# Candidate providers reported; the PRSS levels use DEFAULT_PROVIDER (`memshard sample` keeps `perturb`:
+# the bank did not beat the baselines' trade-off here, BENCHMARKS.md).
 PROVIDERS = ("bank", "perturb", "list")
 DEFAULT_PROVIDER = "bank"
 RANDOM_TOKENS = (1, 2, 4, 8)  # random_token's k, weakest to strongest
@@ -286,7 +287,7 @@ class Judge:
 
     def __call__(self, gen: np.ndarray, prompts: list[str], own: np.ndarray | None = None) -> dict[str, Any]:
         """Scores of ``gen`` (for ``prompts``); with ``own`` (each generation's own training
-        image index, or -1), also the share that copies its own image by the 1/3 rule."""
+        image index), also the share that copies its own image by the 1/3 rule."""
         from memshard.evaluation.metrics.memorization import copy_similarity, memorization_report
 
         g = as_float(gen)
@@ -305,7 +306,7 @@ class Judge:
             hit = mem.memorized & (mem.nn_index == own)
             out["copies_own"] = float(np.mean(hit))
             # the share of the distinct memorized images that at least one generation copies
-            out["images_copied"] = len(set(own[hit].tolist())) / max(len(set(own.tolist()) - {-1}), 1)
+            out["images_copied"] = len(set(own[hit].tolist())) / len(set(own.tolist()))
         return out
 
 
@@ -348,7 +349,6 @@ def regime(
         pics.append(np.full_like(train_mem[0], 255))
         pics += [tiles[gs][1][i] for gs in REGIME_SCALES]
     grid(np.stack(pics), cols=len(REGIME_SCALES) + 1, scale=4).save(os.path.join(out, "regime.png"))
-    open(os.path.join(out, "regime.json"), "w").write(json.dumps(rows, indent=2, default=float))
     return rows
 
 
@@ -418,9 +418,8 @@ def calibrate(pipe: Any, mem: list[str], held: list[str], g: int, steps: int, gs
     from memshard.prss.calibration import defended_level, reference_magnitudes
 
     mp = [c for c in mem for _ in range(g)]
-    hp = held
     mf, ms = reference_magnitudes(pipe, mp, list(range(20_000, 20_000 + len(mp))), steps, guidance_scale=gs)
-    hf, hs = reference_magnitudes(pipe, hp, list(range(30_000, 30_000 + len(hp))), steps, guidance_scale=gs)
+    hf, hs = reference_magnitudes(pipe, held, list(range(30_000, 30_000 + len(held))), steps, guidance_scale=gs)
 
     def curve(per_step: np.ndarray, n: int) -> dict[str, list[float]]:
         m = per_step.reshape(n, steps)
@@ -433,7 +432,7 @@ def calibrate(pipe: Any, mem: list[str], held: list[str], g: int, steps: int, gs
             "memorized": np.percentile(mf, (10, 50, 90)).round(4).tolist(),
             "heldout": np.percentile(hf, (10, 50, 90)).round(4).tolist(),
         },
-        "per_step": {"memorized": curve(ms, len(mp)), "heldout": curve(hs, len(hp))},
+        "per_step": {"memorized": curve(ms, len(mp)), "heldout": curve(hs, len(held))},
     }
 
 
@@ -462,12 +461,13 @@ def candidate_providers(split: dict[str, Any], mem_caps: list[str]) -> dict[str,
     return {"bank": BankProvider(pool, enc.embed), "perturb": PerturbProvider(seed=0), "list": ListProvider(lists)}
 
 
+def thresholds(lv: dict[str, Any]) -> dict[str, float]:
+    """The sampler's threshold arguments of a privacy level."""
+    return {k: lv[k] for k in ("lambda_ss", "lambda_pr", "tau")}
+
+
 def method_arms(levels: list[dict[str, Any]], mid: dict[str, Any]) -> list[tuple[str, str, Any, dict[str, Any]]]:
     """(name, method, level, sampler kwargs) of every arm, in the order they run (``none`` first)."""
-
-    def th(lv: dict[str, Any]) -> dict[str, float]:
-        return {k: lv[k] for k in ("lambda_ss", "lambda_pr", "tau")}
-
     by = {lv["defend"]: lv for lv in levels}
     arms: list[tuple[str, str, Any, dict[str, Any]]] = [("none", "none", None, {"prss": False})]
     arms += [(f"random_token {k}", "random_token", k, {"mitigation": "random_token", "mitigation_params": {"k": k}})
@@ -486,14 +486,15 @@ def method_arms(levels: list[dict[str, Any]], mid: dict[str, Any]) -> list[tuple
         for d in WEN_LEVELS
     ]
     arms += [
-        (f"pr {MID_LEVEL}", "pr", MID_LEVEL, {"prss_mode": "pr", "candidates": DEFAULT_PROVIDER, **th(mid)}),
-        (f"ss {MID_LEVEL}", "ss", MID_LEVEL, {"prss_mode": "ss", "candidates": DEFAULT_PROVIDER, **th(mid)}),
+        (f"pr {MID_LEVEL}", "pr", MID_LEVEL, {"prss_mode": "pr", "candidates": DEFAULT_PROVIDER, **thresholds(mid)}),
+        (f"ss {MID_LEVEL}", "ss", MID_LEVEL, {"prss_mode": "ss", "candidates": DEFAULT_PROVIDER, **thresholds(mid)}),
     ]
     arms += [
-        (f"prss {lv['defend']}", "prss", lv["defend"], {"candidates": DEFAULT_PROVIDER, **th(lv)}) for lv in levels
+        (f"prss {lv['defend']}", "prss", lv["defend"], {"candidates": DEFAULT_PROVIDER, **thresholds(lv)})
+        for lv in levels
     ]
     arms += [
-        (f"prss-{p} {MID_LEVEL}", f"prss-{p}", MID_LEVEL, {"candidates": p, **th(mid)})
+        (f"prss-{p} {MID_LEVEL}", f"prss-{p}", MID_LEVEL, {"candidates": p, **thresholds(mid)})
         for p in PROVIDERS
         if p != DEFAULT_PROVIDER
     ]
@@ -617,11 +618,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     )
     caps = {"memorized": mem_caps, "heldout": held_caps}
     pipe = on_device(load_served_t2i(os.path.join(plain_run, "served")))
-    reg_file = os.path.join(args.out, "regime.json")
-    if os.path.exists(reg_file):
-        model_regime = json.loads(open(reg_file).read())
-    else:
-        model_regime = regime(pipe, judge, caps, size.gens_per_prompt, size.sample_steps, args.out, mem_imgs)
+    model_regime = cached(
+        args.out,
+        "regime",
+        lambda: regime(pipe, judge, caps, size.gens_per_prompt, size.sample_steps, args.out, mem_imgs),
+    )
     if args.stage == "model":
         console.print(f"wrote {args.out}/regime.json, regime.png")
         return 0
@@ -667,8 +668,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 np.mean([r.get("chosen_prompt", p) != p for r, p in zip(reps, m_prompts, strict=True)])
             )
             os.makedirs(os.path.dirname(row_file), exist_ok=True)
-            np.save(gen_file, gen)
-            open(row_file, "w").write(json.dumps(row, default=float))
+            np.save(gen_file, gen)  # before the row: a row on disk always has its generations
+            write_json(row_file, row)
         base_secs = row["seconds"] if name == "none" else base_secs
         row["time_ratio"] = row["seconds"] / base_secs  # arms run back to back: time against the "none" arm
         results.append(row)
@@ -680,7 +681,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         )
 
     # ---- untriggered cost: held-out prompts under PRSS (mid level) vs plain CFG
-    mid_kw = {**{k: mid[k] for k in ("lambda_ss", "lambda_pr", "tau")}, "candidates": providers[DEFAULT_PROVIDER]}
+    mid_kw = {**thresholds(mid), "candidates": providers[DEFAULT_PROVIDER]}
 
     def untriggered_cost() -> dict[str, Any]:
         gen_p, rep_hp, t_prss_h = generate(pipe, h_prompts, h_seeds, steps, gs, **mid_kw)
@@ -713,10 +714,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             gen_a, _, _ = generate(pipe2, m_prompts, m_seeds, steps, gs, prss=False)
             rows = {"IET-AGC+ + none": judge(gen_a, m_prompts, own)}
             for lv in cal2["levels"]:
-                kw = {
-                    **{k: lv[k] for k in ("lambda_ss", "lambda_pr", "tau")},
-                    "candidates": providers[DEFAULT_PROVIDER],
-                }
+                kw = {**thresholds(lv), "candidates": providers[DEFAULT_PROVIDER]}
                 gen_b, _, _ = generate(pipe2, m_prompts, m_seeds, steps, gs, **kw)
                 rows[f"IET-AGC+ + PRSS {lv['defend']}"] = judge(gen_b, m_prompts, own)
             return rows

@@ -211,7 +211,9 @@ class Proxy:
         self.taa_strength: dict[int, float] = {}  # TAA inline mode: last strength per sample id
         self.last_round_seed: int | None = None
         self.nonfinite_steps = 0  # steps skipped for a NaN/inf loss over all rounds
-        self._drop_count: torch.Tensor | None = None  # caption dropout counters, reset by each train_round
+        # caption dropout as the model sees it: dropped and drawn conditions (dropped counted on the
+        # device, so no step syncs), reset by each train_round
+        self._drop_count = torch.zeros((), dtype=torch.int64, device=self.device)
         self._cond_count = 0
         self.nonfinite_ids: list[int] = []  # their offending sample ids, sorted, at most NONFINITE_IDS_KEPT
         self.amp_dtype = self._amp_dtype()
@@ -403,8 +405,7 @@ class Proxy:
         learn = taa is None or taa.mode != "prototype"
         extra_steps = 0
         regular = 0  # batches of the precomputed order consumed
-        # caption dropout as the model sees it: dropped and drawn conditions, counted on the device
-        self._drop_count = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._drop_count.zero_()
         self._cond_count = 0
 
         i = 0
@@ -545,8 +546,7 @@ class Proxy:
             self._cond_count += idx.numel()
             if p > 0 and data.empty_text is not None:
                 drop = torch.rand(idx.numel(), generator=gen, device=self.device) < p
-                if self._drop_count is not None:
-                    self._drop_count += drop.sum()
+                self._drop_count += drop.sum()
                 empty = data.empty_text.to(self.device)
                 states = torch.where(drop.view(-1, 1, 1), empty.states.to(cond.states.dtype), cond.states)
                 mask = torch.where(drop.view(-1, 1), empty.mask, cond.mask)

@@ -60,7 +60,8 @@ COND_UNET_PRESETS: dict[str, dict[str, Any]] = {
         "attention_head_dim": 8,
     },
     # ~2M: cross-attention at the two lower resolutions; ~4 steps/s at batch 32, 16x16 on 2
-    # CPU cores: the PRSS benchmark's cpu model, which holds CFG 7.5 (BENCHMARKS.md).
+    # CPU cores: the PRSS benchmark's cpu model (after 8,000 steps it copies at CFG 1.5 but
+    # does not hold 7.5: BENCHMARKS.md).
     "small": {
         "layers_per_block": 1,
         "block_out_channels": (32, 64, 64),

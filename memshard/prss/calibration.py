@@ -36,15 +36,22 @@ import torch
 TAU_RATIO = 5.0 / 3.0  # spec defaults: tau / lambda_pr
 
 
+def _thresholds(
+    first: Sequence[float] | np.ndarray, per_step: Sequence[float] | np.ndarray, quantile: float, whose: str
+) -> dict[str, float]:
+    """lambda_ss, lambda_pr and tau at one quantile of first-step and per-step magnitudes (``whose``: for errors)."""
+    first_a, steps_a = np.asarray(first, dtype=np.float64), np.asarray(per_step, dtype=np.float64)
+    if first_a.size == 0 or steps_a.size == 0:
+        raise ValueError(f"need magnitudes of at least one {whose} prompt")
+    lpr = float(np.quantile(steps_a, quantile))
+    return {"lambda_ss": float(np.quantile(first_a, quantile)), "lambda_pr": lpr, "tau": lpr * TAU_RATIO}
+
+
 def level(first: Sequence[float] | np.ndarray, per_step: Sequence[float] | np.ndarray, q: float) -> dict[str, float]:
     """Thresholds of privacy level ``q`` from first-step and per-step magnitudes of reference prompts."""
     if not 0 < q < 1:
         raise ValueError(f"privacy level quantile must be in (0, 1), got {q}")
-    first_a, steps_a = np.asarray(first, dtype=np.float64), np.asarray(per_step, dtype=np.float64)
-    if first_a.size == 0 or steps_a.size == 0:
-        raise ValueError("need magnitudes of at least one reference prompt")
-    lpr = float(np.quantile(steps_a, q))
-    return {"q": q, "lambda_ss": float(np.quantile(first_a, q)), "lambda_pr": lpr, "tau": lpr * TAU_RATIO}
+    return {"q": q, **_thresholds(first, per_step, q, "reference")}
 
 
 def defended_level(
@@ -63,15 +70,11 @@ def defended_level(
     """
     if not 0 < defend < 1:
         raise ValueError(f"share of memorized prompts to defend must be in (0, 1), got {defend}")
-    first_a, steps_a = np.asarray(mem_first, dtype=np.float64), np.asarray(mem_per_step, dtype=np.float64)
-    if first_a.size == 0 or steps_a.size == 0:
-        raise ValueError("need magnitudes of at least one memorized prompt")
-    lss, lpr = float(np.quantile(first_a, 1 - defend)), float(np.quantile(steps_a, 1 - defend))
-    out = {"defend": defend, "lambda_ss": lss, "lambda_pr": lpr, "tau": lpr * TAU_RATIO}
-    out["memorized_triggered"] = float(np.mean(first_a > lss))
+    out = {"defend": defend, **_thresholds(mem_first, mem_per_step, 1 - defend, "memorized")}
+    out["memorized_triggered"] = float(np.mean(np.asarray(mem_first, dtype=np.float64) > out["lambda_ss"]))
     if heldout_first is not None:
         held = np.asarray(heldout_first, dtype=np.float64)
-        out["heldout_triggered"] = float(np.mean(held > lss)) if held.size else float("nan")
+        out["heldout_triggered"] = float(np.mean(held > out["lambda_ss"])) if held.size else float("nan")
     return out
 
 
@@ -154,6 +157,11 @@ def calibrate_run(
         return [pool[i] for i in sorted(rng.choice(len(pool), min(num_prompts, len(pool)), replace=False))]
 
     by_share = q is None and (defend is not None or bool(dup))
+    if by_share and not dup:  # before any model is loaded
+        raise ValueError(
+            f"{run}: no caption occurs twice in the training set, so there are no duplicated captions to "
+            "defend; state the level as a quantile instead (--quantile)"
+        )
     rd.check_served()
     with rd.store.local_copy("served") as local:
         pipe = load_served_t2i(local)
@@ -164,11 +172,6 @@ def calibrate_run(
 
             guidance_scale = build_config(manifest["config"]).prss.guidance_scale
         if by_share:
-            if not dup:
-                raise ValueError(
-                    f"{run}: no caption occurs twice in the training set, so there are no duplicated captions to "
-                    "defend; state the level as a quantile instead (--quantile)"
-                )
             mem = [c for c in dup[:num_prompts] for _ in range(seeds_per_prompt)]
             first, per_step = reference_magnitudes(
                 pipe, mem, list(range(len(mem))), steps, guidance_scale=guidance_scale
