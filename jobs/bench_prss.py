@@ -28,6 +28,8 @@ spec's tau/lambda_pr). The held-out prompts that trigger at each level are the c
 
     python jobs/bench_prss.py --size cpu --out runs/bench-prss-cpu --publish
     python jobs/bench_prss.py --size cpu --out runs/prss-cal --stage model --size-set caption_dropout=0.1
+    python jobs/bench_prss.py --size cpu --out runs/prss-long --stage model \
+        --size-set init_from=runs/bench-prss-cpu/baseline
 
 Resumable: finished trainings, calibration, detection and every method's generations are
 kept under OUT; run the same command again. ``--time-budget-s`` bounds one call (exit 3
@@ -77,6 +79,9 @@ class Size:
     caption_dropout: float = 0.1  # share of training captions replaced by the empty prompt
     max_text_length: int = 16
     gpus: float = 0.0  # GPUs of the whole training run (split over the shards); sampling then uses CUDA
+    # warm start of both arms (train.init_from: RUN or RUN@ROUND trained on the same split), e.g. to
+    # continue the undefended model for train_steps more steps in a calibration run of its own --out
+    init_from: str = ""
 
 
 # the model, data and sampling fields ``--size-set`` may change (calibration runs)
@@ -95,6 +100,7 @@ SETTABLE = (
     "cpus",
     "guidance_scale",
     "caption_dropout",
+    "init_from",
 )
 
 
@@ -106,9 +112,9 @@ SIZES = {
     # Measured (the regime table in BENCHMARKS.md): it copies its duplicated images at CFG
     # 1.5 but turns them to colour noise from CFG 3 up, so the methods run at 1.5.
     "cpu": Size(16, "small", 24, 20, 1200, 200, 8000, 32, 1e-3, 4, 2, 50, 1.0, guidance_scale=1.5, caption_dropout=0.2),
-    # ready, not run (no GPU was lent): a 25M UNet at 32 px, 100 memorized captions x20,
+    # ready, not run (no GPU was lent): a 25M UNet at 32 px, 100 memorized captions x20 (1,400 distinct images),
     # 30,000 steps at batch 64; in 9-minute calls with --time-budget-s 540
-    "gpu": Size(32, "base", 100, 20, 1400, 300, 30000, 64, 1e-3, 4, 4, 50, 4.0, 800, caption_dropout=0.2, gpus=1.0),
+    "gpu": Size(32, "base", 100, 20, 1050, 250, 30000, 64, 1e-3, 4, 4, 50, 4.0, 800, caption_dropout=0.2, gpus=1.0),
     # the test suite's size: every code path, no claim about the numbers
     "toy": Size(16, "tiny", 4, 3, 8, 8, 32, 8, 1e-3, 2, 2, 4, 2.0, align_steps=20),
 }
@@ -123,6 +129,9 @@ DEFAULT_PROVIDER = "bank"
 RANDOM_TOKENS = (1, 2, 4, 8)  # random_token's k, weakest to strongest
 NOISE_SIGMAS = (0.1, 0.3, 1.0)  # gaussian_noise's sigma on the token states
 WEN_LEVELS = (0.5, 0.9, 0.97)  # Wen et al. optimise down to lambda_ss of these levels
+# Benchmark images are mutually distinct: no two with pixel correlation (PixelExtractor cosine) at or above
+# this at the size's resolution. 16 px emoji: 1,910 distinct captions, 1,491 of them pass (0.95 would keep 1,689).
+DISTINCT_NCC = 0.9
 INCOMPLETE_EXIT = 3  # a --time-budget-s call that stopped early; run the same command again
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "results")
 
@@ -142,6 +151,7 @@ def build_data(size: Size, out: str, seed: int = 0) -> dict[str, Any]:
     os.makedirs(path, exist_ok=True)
     split_file = os.path.join(path, "split.json")
     shape = {k: getattr(size, k) for k in ("image_size", "num_memorized", "duplicates", "num_single", "num_heldout")}
+    shape["distinct_ncc"] = DISTINCT_NCC
     if os.path.exists(split_file):
         split = json.loads(open(split_file).read())
         if split.get("shape", shape) != shape:
@@ -158,10 +168,20 @@ def build_data(size: Size, out: str, seed: int = 0) -> dict[str, Any]:
     for i, c in enumerate(caps):
         first.setdefault(c, i)
     rows = np.array(sorted(first.values()))
+    # and no two images near-identical (skin-tone variants, similar flags): memorized, single and
+    # held-out images must be distinct for the 1/3 rule and copy similarity to mean "copied this one"
+    from memshard.evaluation.copies import distinct_subset
+    from memshard.evaluation.extractor import PixelExtractor
+
+    imgs, _ = rows_of(src, rows.tolist(), size.image_size)
+    rows = rows[distinct_subset(PixelExtractor()(as_float(imgs)), DISTINCT_NCC)]
     perm = np.random.default_rng(seed).permutation(rows)
     need = size.num_memorized + size.num_single + size.num_heldout
     if len(perm) < need:
-        raise SystemExit(f"emoji has {len(perm)} distinct captions; size needs {need}")
+        raise SystemExit(
+            f"emoji has {len(perm)} captions with mutually distinct images (pixel NCC < {DISTINCT_NCC}) at "
+            f"{size.image_size} px; size needs {need}"
+        )
     mem = perm[: size.num_memorized]
     single = perm[size.num_memorized : size.num_memorized + size.num_single]
     held = perm[size.num_memorized + size.num_single : need]
@@ -200,10 +220,31 @@ def train_arm(size: Size, split: dict[str, Any], out: str, method: str, deadline
     BudgetSpent is raised: the next call resumes from the last committed round.
     """
     run = os.path.join(out, method)
+    cfg = arm_config(size, split, method)
+    rounds, per, k = cfg.train.rounds, cfg.train.steps_per_round, cfg.shards.count
+    done = (
+        os.path.exists(os.path.join(run, "run.json"))
+        and json.loads(open(os.path.join(run, "run.json")).read())["rounds_completed"] >= rounds
+    )
+    if not done:
+        connect(cfg)
+        t0 = time.perf_counter()
+        left = None if deadline is None else max(1.0, deadline - time.time())
+        res = train(cfg, out=run, resume=os.path.exists(os.path.join(run, "run.json")), stop_after_s=left)
+        timing_file = os.path.join(out, f"{method}.timing.json")
+        spent = json.loads(open(timing_file).read())["train_s"] if os.path.exists(timing_file) else 0.0
+        write_json(timing_file, {"train_s": spent + time.perf_counter() - t0, "steps": per * rounds * k})
+        if res.rounds_completed < rounds:
+            raise BudgetSpent
+    return run
+
+
+def arm_config(size: Size, split: dict[str, Any], method: str) -> Any:
+    """The validated training config of one arm: 4 rounds, ``size.train_steps`` over all rounds and shards."""
     k = 1 if method == "baseline" else size.shards
     rounds = 4
     per = size.train_steps // (rounds * k)
-    cfg = load_config(
+    return load_config(
         {
             "name": f"prss-{method}",
             "data": {"path": split["train"], "image_size": size.image_size, "channels": 3},
@@ -221,6 +262,7 @@ def train_arm(size: Size, split: dict[str, Any], out: str, method: str, deadline
                 "lr": size.lr,
                 "warmup_steps": 50,
                 "ema_decay": 0.999,
+                "init_from": size.init_from or None,
             },
             "shards": {"count": k},
             # gpus_per_shard None (not 0) on the CPU: the resources the cpu runs were trained with
@@ -228,21 +270,6 @@ def train_arm(size: Size, split: dict[str, Any], out: str, method: str, deadline
             "logging": {"progress": False},
         }
     )
-    done = (
-        os.path.exists(os.path.join(run, "run.json"))
-        and json.loads(open(os.path.join(run, "run.json")).read())["rounds_completed"] >= rounds
-    )
-    if not done:
-        connect(cfg)
-        t0 = time.perf_counter()
-        left = None if deadline is None else max(1.0, deadline - time.time())
-        res = train(cfg, out=run, resume=os.path.exists(os.path.join(run, "run.json")), stop_after_s=left)
-        timing_file = os.path.join(out, f"{method}.timing.json")
-        spent = json.loads(open(timing_file).read())["train_s"] if os.path.exists(timing_file) else 0.0
-        write_json(timing_file, {"train_s": spent + time.perf_counter() - t0, "steps": per * rounds * k})
-        if res.rounds_completed < rounds:
-            raise BudgetSpent
-    return run
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -270,19 +297,31 @@ def as_float(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0
 
 
+COPY_FPR = 0.01  # a generation copies when it is closer to a training image than 99% of them are to another
+
+
 class Judge:
-    """Copy similarity, pixel memorization and alignment of generations, against one training set."""
+    """Copy similarity, pixel memorization and alignment of generations, against one training set.
+
+    Copy similarity is pixel correlation (:class:`~memshard.evaluation.extractor.PixelExtractor`),
+    not Inception pool3: at 16 px Inception scored augmented copies below distinct emoji (its
+    calibration called everything a copy, TPR = FPR = 1; the first cpu results in BENCHMARKS.md),
+    while a small pixel model's copies are pixel-aligned reproductions. Its threshold
+    (``copy_over``, the share of generations that copy) is where distinct training images exceed
+    it at rate COPY_FPR; the augmented copies' TPR is reported beside it, and is low by design
+    (crops and flips move pixels).
+    """
 
     def __init__(self, train_imgs: np.ndarray, align: Any) -> None:
         from memshard.evaluation.copies import calibration_pairs
-        from memshard.evaluation.extractor import FeatureExtractor
-        from memshard.evaluation.metrics.memorization import calibrate_threshold
+        from memshard.evaluation.extractor import PixelExtractor
+        from memshard.evaluation.metrics.memorization import threshold_at_fpr
 
         self.train = as_float(train_imgs)
-        self.extractor = FeatureExtractor()
+        self.extractor = PixelExtractor()
         self.train_feats = self.extractor(self.train)
-        copy_s, distinct_s = calibration_pairs(self.extractor, self.train, seed=0, max_images=256)
-        self.calibration = calibrate_threshold(copy_s, distinct_s)
+        copy_s, distinct_s = calibration_pairs(self.extractor, self.train, seed=0, max_images=len(self.train))
+        self.calibration = threshold_at_fpr(distinct_s, COPY_FPR, copy_s)
         self.align = align
 
     def __call__(self, gen: np.ndarray, prompts: list[str], own: np.ndarray | None = None) -> dict[str, Any]:
@@ -352,6 +391,96 @@ def regime(
     return rows
 
 
+# Sampler levers tried on the undefended model at high CFG (the regime study): none is a default
+# of memshard's sampler; each is what a pixel-space model is usually given to hold strong guidance.
+DYNAMIC_THRESHOLDING = {"thresholding": True, "dynamic_thresholding_ratio": 0.95, "sample_max_value": 3.0}
+LEVERS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("plain CFG", {}),
+    ("guidance rescale 0.7", {"rescale": 0.7}),  # Lin et al. 2024: guided std back to the conditional's
+    # Imagen's dynamic thresholding (x0 clipped at its 95th |value| percentile s, then / s; s <= 3)
+    ("dynamic thresholding", {"scheduler": DYNAMIC_THRESHOLDING}),
+    ("raw (non-EMA) weights", {"weights": "raw"}),
+)
+LEVER_SCALES = (5.0, 7.5)
+
+
+@torch.no_grad()
+def lever_sample(
+    pipe: Any, prompts: list[str], seeds: list[int], steps: int, gs: float, rescale: float = 0.0,
+    scheduler: dict[str, Any] | None = None,
+) -> np.ndarray:  # fmt: skip
+    """Plain-CFG DDIM with one sampler lever: guidance rescale ``rescale`` or scheduler overrides.
+
+    Its own loop (the undefended arithmetic of memshard.prss.sampler) because guidance rescale
+    needs both branches, which the pipeline does not expose; for the regime study only.
+    """
+    from memshard.models.sampling import to_uint8
+    from memshard.models.text import TextCond
+    from memshard.prss.reanchor import cfg_eps
+    from memshard.prss.sampler import make_scheduler
+
+    outs = []
+    for s0 in range(0, len(prompts), 32):
+        p = prompts[s0 : s0 + 32]
+        x = pipe.initial_noise(len(p), seeds=seeds[s0 : s0 + 32])
+        sched = make_scheduler({**pipe.scheduler.config, **(scheduler or {})}, steps, x.device)
+        cond = TextCond.cat([pipe.encode_prompts([""]).repeat(len(p)), pipe.encode_prompts(p)])
+        for t in sched.timesteps:
+            tt = torch.full((2 * len(p),), int(t), device=x.device, dtype=torch.long)
+            e0, ec = pipe.eps(torch.cat([x, x]), tt, cond).chunk(2)
+            eps = cfg_eps(e0, ec, gs)
+            if rescale:
+                ratio = (ec.flatten(1).std(dim=1) / eps.flatten(1).std(dim=1)).view(-1, *[1] * (eps.dim() - 1))
+                eps = rescale * eps * ratio + (1 - rescale) * eps
+            x = sched.step(eps, t, x, eta=0.0).prev_sample
+        outs.append(to_uint8(pipe._decode(x)))
+    return np.concatenate(outs)
+
+
+def regime_levers(
+    served: str, judge: Judge, caps: dict[str, list[str]], g: int, steps: int, out: str, train_mem: np.ndarray
+) -> list[dict[str, Any]]:
+    """Each of LEVERS at each of LEVER_SCALES: do memorized prompts still copy and held-out ones follow?
+
+    Held-out prompts: the first 48 (the study is about whether samples are images at all).
+    ``regime-levers.png``: a row per prompt, a column per (scale, lever).
+    """
+    from memshard.models.sampling import grid
+    from memshard.prss.pipeline import load_served_t2i
+
+    pipes = {"ema": on_device(load_served_t2i(served))}
+    if os.path.isdir(os.path.join(served, "unet_raw")):
+        pipes["raw"] = on_device(load_served_t2i(served, unet_subfolder="unet_raw"))
+    mem_p = [c for c in caps["memorized"] for _ in range(g)]
+    own = np.repeat(np.arange(len(caps["memorized"])), g)
+    held_p = caps["heldout"][:48]
+    rows, cols = [], []
+    for gs in LEVER_SCALES:
+        for name, lever in LEVERS:
+            pipe = pipes.get(lever.get("weights", "ema"))
+            if pipe is None:
+                continue
+            kw = {k: v for k, v in lever.items() if k != "weights"}
+            gm = lever_sample(pipe, mem_p, list(range(len(mem_p))), steps, gs, **kw)
+            gh = lever_sample(pipe, held_p, list(range(10_000, 10_000 + len(held_p))), steps, gs, **kw)
+            row = {"guidance_scale": gs, "lever": name, "memorized_prompts": judge(gm, mem_p, own),
+                   "heldout_prompts": judge(gh, held_p)}  # fmt: skip
+            rows.append(row)
+            cols.append((gm, gh))
+            m, h = row["memorized_prompts"], row["heldout_prompts"]
+            console.print(
+                f"  CFG {gs:4.1f} {name:24s}: memorized prompts copy {m['copy_over']:.0%} (1/3 rule "
+                f"{m['copies_own']:.0%}), alignment {m['alignment']:.3f}; held-out alignment {h['alignment']:.3f}"
+            )
+    pics = []
+    for i in range(min(6, len(caps["memorized"]))):
+        pics += [train_mem[i]] + [gm[i * g] for gm, _ in cols]
+    for i in range(min(6, len(held_p))):
+        pics += [np.full_like(train_mem[0], 255)] + [gh[i] for _, gh in cols]
+    grid(np.stack(pics), cols=len(cols) + 1, scale=4).save(os.path.join(out, "regime-levers.png"))
+    return rows
+
+
 def on_device(pipe: Any) -> Any:
     """The pipeline on CUDA when there is one (the gpu size), else as loaded."""
     return pipe.to("cuda") if torch.cuda.is_available() else pipe
@@ -416,6 +545,7 @@ def calibrate(pipe: Any, mem: list[str], held: list[str], g: int, steps: int, gs
     against held-out prompts) that show where along the trajectory the two differ.
     """
     from memshard.prss.calibration import defended_level, reference_magnitudes
+    from memshard.prss.mitigations import auc
 
     mp = [c for c in mem for _ in range(g)]
     mf, ms = reference_magnitudes(pipe, mp, list(range(20_000, 20_000 + len(mp))), steps, guidance_scale=gs)
@@ -433,6 +563,12 @@ def calibrate(pipe: Any, mem: list[str], held: list[str], g: int, steps: int, gs
             "heldout": np.percentile(hf, (10, 50, 90)).round(4).tolist(),
         },
         "per_step": {"memorized": curve(ms, len(mp)), "heldout": curve(hs, len(held))},
+        # a detector that reads m_t at step k instead of the first step: memorized trajectories
+        # against held-out ones (one trajectory per seed, not averaged per prompt)
+        "auc_by_step": [
+            round(auc(a, b), 4)
+            for a, b in zip(ms.reshape(len(mp), steps).T, hs.reshape(len(held), steps).T, strict=True)
+        ],
     }
 
 
@@ -501,22 +637,35 @@ def method_arms(levels: list[dict[str, Any]], mid: dict[str, Any]) -> list[tuple
     return arms
 
 
-def targets(results: list[dict[str, Any]], combined: dict[str, Any] | None, untrig: dict[str, Any]) -> dict[str, Any]:
-    """The issue's targets, measured: PRSS's best level within 5% alignment, time, and the combined system."""
+def _reduction(v: float, base: float) -> float | None:
+    return 1 - v / base if base > 0 else None
+
+
+def targets(
+    results: list[dict[str, Any]], combined: dict[str, Any] | None, untrig: dict[str, Any], distinct_mean: float
+) -> dict[str, Any]:
+    """The issue's targets, measured: PRSS's best level within 5% alignment, time, and the combined system.
+
+    ``copy_excess_reduction``: how much of the undefended copy similarity's excess over
+    ``distinct_mean`` (what the nearest distinct training image scores, the pixel measure's
+    "unrelated" level, where SSCD's is about 0) is removed; the issue's "66% lower copy
+    similarity" is meant on that scale.
+    """
     base = results[0]
     ok = [
         r for r in results
         if r["method"] == "prss" and r["alignment"] >= 0.95 * base["alignment"]
     ]  # fmt: skip
-    best = min(ok, key=lambda r: (r["memorized_fraction"], r["copy_mean"]), default=None)
-    out: dict[str, Any] = {"undefended": {k: base[k] for k in ("copy_mean", "memorized_fraction", "alignment")}}
+    best = min(ok, key=lambda r: (r["copy_over"], r["memorized_fraction"], r["copy_mean"]), default=None)
+    keys = ("copy_mean", "copy_over", "memorized_fraction", "alignment")
+    out: dict[str, Any] = {"undefended": {k: base[k] for k in keys}}
     if best is not None:
         out["prss_within_5pct_alignment"] = {
             "name": best["name"],
             "copy_reduction": 1 - best["copy_mean"] / base["copy_mean"],
-            "memorized_reduction": 1 - best["memorized_fraction"] / base["memorized_fraction"]
-            if base["memorized_fraction"] > 0
-            else None,
+            "copy_excess_reduction": _reduction(best["copy_mean"] - distinct_mean, base["copy_mean"] - distinct_mean),
+            "copied_reduction": _reduction(best["copy_over"], base["copy_over"]),
+            "memorized_reduction": _reduction(best["memorized_fraction"], base["memorized_fraction"]),
             "alignment_change": best["alignment"] / base["alignment"] - 1,
         }
     trig = [r["time_ratio"] for r in results if r["method"] == "prss"]
@@ -529,12 +678,11 @@ def targets(results: list[dict[str, Any]], combined: dict[str, Any] | None, untr
             if k.startswith("IET-AGC+") and v["alignment"] >= 0.95 * plain["alignment"]
         }
         if matched:
-            k, v = min(matched.items(), key=lambda kv: kv[1]["memorized_fraction"])
+            k, v = min(matched.items(), key=lambda kv: (kv[1]["copy_over"], kv[1]["memorized_fraction"]))
             out["combined_matched_alignment"] = {
                 "name": k,
-                "memorized_reduction": 1 - v["memorized_fraction"] / plain["memorized_fraction"]
-                if plain["memorized_fraction"] > 0
-                else None,
+                "copied_reduction": _reduction(v["copy_over"], plain["copy_over"]),
+                "memorized_reduction": _reduction(v["memorized_fraction"], plain["memorized_fraction"]),
                 "alignment_change": v["alignment"] / plain["alignment"] - 1,
             }
         else:
@@ -570,8 +718,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"override a field of the size (calibration runs; use their own --out): {', '.join(SETTABLE)}",
     )  # fmt: skip
     ap.add_argument(
-        "--stage", choices=("model", "all"), default="all",
-        help="model: train the undefended model and report its regime (CFG scales) only",
+        "--stage", choices=("model", "plus", "all"), default="all",
+        help="model: train the undefended model and report its regime (CFG scales) only; plus: train the "
+        "combined system's IET-AGC+ arm only (in a second process beside --stage model, on the same --out)",
     )  # fmt: skip
     ap.add_argument("--time-budget-s", type=float, help="stop this call after about this long (exit 3; rerun)")
     ap.add_argument("--publish", action="store_true", help="copy summary.json and plots to docs/results/")
@@ -595,6 +744,10 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         f"{len(split['single'])} single, {len(split['heldout'])} held-out captions"
     )
     deadline = None if args.time_budget_s is None else time.time() + args.time_budget_s
+    if args.stage == "plus":
+        train_arm(size, split, args.out, "iet-agc-plus", deadline)
+        console.print(f"trained {args.out}/iet-agc-plus")
+        return 0
     plain_run = train_arm(size, split, args.out, "baseline", deadline)
 
     from memshard.evaluation.alignment import train_alignment
@@ -623,8 +776,21 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "regime",
         lambda: regime(pipe, judge, caps, size.gens_per_prompt, size.sample_steps, args.out, mem_imgs),
     )
+    levers = cached(
+        args.out,
+        "regime-levers",
+        lambda: regime_levers(
+            os.path.join(plain_run, "served"),
+            judge,
+            caps,
+            size.gens_per_prompt,
+            size.sample_steps,
+            args.out,
+            mem_imgs,
+        ),
+    )
     if args.stage == "model":
-        console.print(f"wrote {args.out}/regime.json, regime.png")
+        console.print(f"wrote {args.out}/regime.json, regime.png, regime-levers.json, regime-levers.png")
         return 0
     plus_run = None if args.skip_combined else train_arm(size, split, args.out, "iet-agc-plus", deadline)
 
@@ -732,6 +898,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "copy_calibration": judge.calibration,
         "extractor": judge.extractor.name,
         "regime": model_regime,
+        "regime_levers": levers,
         "detection": det,
         "calibration": cal,
         "levels": levels,
@@ -739,7 +906,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "methods": results,
         "untriggered": untriggered,
         "combined": combined,
-        "targets": targets(results, combined, untriggered),
+        "targets": targets(results, combined, untriggered, judge.calibration["distinct_mean"]),
         "wall_s": time.perf_counter() - t_start,
         "command": " ".join(["python", "jobs/bench_prss.py", *(argv if argv is not None else sys.argv[1:])]),
     }
@@ -765,10 +932,15 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:+.0%}"
 
 
+def _rate(v: float) -> str:
+    return "n/a" if v != v else f"{v:.0%}"  # NaN: no copy scores were given
+
+
 def render(s: dict[str, Any], plot_path: str) -> str:
     """BENCHMARKS.md's generated block for one size: calibration, methods, detection, time, combined."""
     base = s["methods"][0]
     c = s["config"]
+    cal = s["copy_calibration"]
     lines = [
         f"Command: `{s['command']}`",
         "",
@@ -778,35 +950,56 @@ def render(s: dict[str, Any], plot_path: str) -> str:
         f"{c['gens_per_prompt']} generations per memorized prompt, {c['sample_steps']}-step DDIM, "
         f"**CFG {s['guidance_scale']}**.",
         "",
-        "Regime of the undefended model (memorized prompts: share of generations that copy their own image "
-        "by the 1/3 rule; held-out prompts: share that copy any training image):",
+        f"Copy similarity: {s['extractor']} (cosine of mean-centred pixels) to the nearest training image; "
+        f"a generation **copies** when it scores at least {cal['threshold']:.3f}, which "
+        f"{cal['fpr']:.1%} of training images reach against their nearest other training image "
+        f"(mean {cal['distinct_mean']:.3f}; augmented crops/flips of training images reach it {_rate(cal['tpr'])}). "
+        "Memorized: the 1/3 rule (pixel L2 to the nearest over the second nearest training image).",
         "",
-        "| CFG | memorized prompts copy their image | memorized images copied at least once | their copy similarity "
-        "| their alignment | held-out prompts copying | held-out alignment |",
-        "|---|---|---|---|---|---|---|",
+        "Regime of the undefended model (memorized prompts: share of generations that copy their own image "
+        "by the 1/3 rule, and by copy similarity; held-out prompts: share that copy any training image):",
+        "",
+        "| CFG | memorized prompts: 1/3 rule | copied | memorized images copied at least once | their copy "
+        "similarity | their alignment | held-out prompts: 1/3 rule | copied | held-out alignment |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in s["regime"]:
         m, h = r["memorized_prompts"], r["heldout_prompts"]
         lines.append(
-            f"| {r['guidance_scale']} | {m['copies_own']:.1%} | {m.get('images_copied', float('nan')):.0%} | "
-            f"{m['copy_mean']:.3f} | {m['alignment']:.3f} | "
-            f"{h['memorized_fraction']:.1%} | {h['alignment']:.3f} |"
+            f"| {r['guidance_scale']} | {m['copies_own']:.1%} | {m['copy_over']:.1%} | "
+            f"{m.get('images_copied', float('nan')):.0%} | {m['copy_mean']:.3f} | {m['alignment']:.3f} | "
+            f"{h['memorized_fraction']:.1%} | {h['copy_over']:.1%} | {h['alignment']:.3f} |"
         )
+    if s.get("regime_levers"):
+        lines += [
+            "",
+            "Sampler levers at high CFG (the undefended model; held-out: the first 48 prompts; "
+            "`regime-levers.png` beside the summary):",
+            "",
+            "| CFG | lever | memorized prompts copied | 1/3 rule | their alignment | held-out alignment |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['guidance_scale']} | {r['lever']} | {r['memorized_prompts']['copy_over']:.1%} | "
+            f"{r['memorized_prompts']['copies_own']:.1%} | {r['memorized_prompts']['alignment']:.3f} | "
+            f"{r['heldout_prompts']['alignment']:.3f} |"
+            for r in s["regime_levers"]
+        ]
     lines += [
         "",
-        "Memorized prompts, same seeds for every method (copy similarity: "
-        f"{s['extractor']}, threshold {s['copy_calibration']['threshold']:.3f}; alignment with the ORIGINAL prompt: "
+        "Memorized prompts, same seeds for every method (alignment with the ORIGINAL prompt: "
         f"{s['alignment_model']['name']}, held-out retrieval top-1 {s['alignment_model'].get('holdout_top1', 0):.2f}):",
         "",
-        "| method | level | copy mean | vs none | copy p95 | memorized | vs none | images copied | alignment | "
-        "vs none | triggered | time ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | level | copy mean | copy p95 | copied | vs none | memorized (1/3) | vs none | images copied | "
+        "alignment | vs none | triggered | time ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in s["methods"]:
         mem_rel = r["memorized_fraction"] / base["memorized_fraction"] - 1 if base["memorized_fraction"] else None
+        over_rel = r["copy_over"] / base["copy_over"] - 1 if base["copy_over"] else None
         lines.append(
             f"| {r['method']} | {'' if r['level'] is None else r['level']} | {r['copy_mean']:.3f} | "
-            f"{_pct(r['copy_mean'] / base['copy_mean'] - 1)} | {r['copy_p95']:.3f} | {r['memorized_fraction']:.1%} | "
+            f"{r['copy_p95']:.3f} | {r['copy_over']:.1%} | {_pct(over_rel)} | {r['memorized_fraction']:.1%} | "
             f"{_pct(mem_rel)} | {r.get('images_copied', float('nan')):.0%} | {r['alignment']:.3f} | "
             f"{r['alignment'] / base['alignment'] - 1:+.1%} | "
             f"{r['triggered']:.0%} | x{r['time_ratio']:.2f} |"
@@ -837,6 +1030,15 @@ def render(s: dict[str, Any], plot_path: str) -> str:
         f"| {n} | {d['auc']:.3f} | {d['tpr_at_1pct_fpr']:.1%} | {d['auc_vs_single']:.3f} |"
         for n, d in s["detection"].items()
     ]
+    by_step = s["calibration"].get("auc_by_step")
+    if by_step:
+        k = int(np.argmax(by_step))
+        lines += [
+            "",
+            f"The same magnitude read later in the trajectory (calibration seeds, one trajectory per seed): AUC "
+            f"{by_step[0]:.3f} at step 1, {by_step[len(by_step) // 2]:.3f} at step {len(by_step) // 2 + 1}, best "
+            f"{by_step[k]:.3f} at step {k + 1} of {len(by_step)}.",
+        ]
     u = s["untriggered"]
     lines += [
         "",
@@ -854,12 +1056,12 @@ def render(s: dict[str, Any], plot_path: str) -> str:
             "",
             "Combined system (memorized prompts; PRSS levels calibrated on the IET-AGC+ model):",
             "",
-            "| training + sampling | copy mean | copy p95 | memorized | alignment |",
-            "|---|---|---|---|---|",
+            "| training + sampling | copy mean | copy p95 | copied | memorized (1/3) | alignment |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {k} | {r['copy_mean']:.3f} | {r['copy_p95']:.3f} | {r['memorized_fraction']:.1%} "
-            f"| {r['alignment']:.3f} |"
+            f"| {k} | {r['copy_mean']:.3f} | {r['copy_p95']:.3f} | {r['copy_over']:.1%} | "
+            f"{r['memorized_fraction']:.1%} | {r['alignment']:.3f} |"
             for k, r in s["combined"].items()
         ]
     lines += ["", f"![privacy vs alignment]({plot_path})", ""]

@@ -29,15 +29,26 @@ def test_data_split_is_disjoint_and_duplicated(real_emoji, tmp_path):
     src_caps = pq.read_table(split["source"]).column("caption").to_pylist()
     assert not {src_caps[i] for i in held} & set(caps)  # held-out captions never trained on
     assert job.build_data(size, str(tmp_path)) == split  # resumable: the split is kept
+    # every image of the benchmark (memorized, single, held out) is distinct from every other one
+    from memshard.evaluation.extractor import PixelExtractor
+
+    imgs, _ = job.rows_of(split["source"], sorted(mem | single | held), size.image_size)
+    f = PixelExtractor()(job.as_float(imgs))
+    f = f / f.norm(dim=1, keepdim=True)
+    sim = f @ f.T
+    sim.fill_diagonal_(-1)
+    assert float(sim.max()) < job.DISTINCT_NCC
 
 
 def test_size_set_overrides_typed_fields_and_refuses_unknown_ones():
     import argparse
 
     job = _job()
-    ns = argparse.Namespace(train_steps=None, sample_steps=None, size_set=["caption_dropout=0.3", "preset=tiny"])
+    ns = argparse.Namespace(
+        train_steps=None, sample_steps=None, size_set=["caption_dropout=0.3", "preset=tiny", "init_from=runs/x@2"]
+    )
     size = job.with_overrides(job.SIZES["cpu"], ns)
-    assert size.caption_dropout == 0.3 and size.preset == "tiny"
+    assert size.caption_dropout == 0.3 and size.preset == "tiny" and size.init_from == "runs/x@2"
     assert size.train_steps == job.SIZES["cpu"].train_steps
     for bad in (["max_text_length=3"], ["caption_dropout"], ["train_steps=many"]):
         with pytest.raises(SystemExit):
@@ -55,6 +66,10 @@ def test_a_calibration_run_cannot_reuse_data_of_another_shape(real_emoji, tmp_pa
 @pytest.mark.ray
 def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path):
     job = _job()
+    # the combined system's arm alone (a second process beside --stage model): the baseline is not touched
+    assert job.main(["--size", "toy", "--out", str(tmp_path), "--stage", "plus"]) == 0
+    assert json.loads((tmp_path / "iet-agc-plus" / "run.json").read_text())["rounds_completed"] == 4
+    assert not (tmp_path / "baseline").exists()
     # a call whose budget is spent after the first training round stops with exit 3 and keeps that round
     assert job.main(["--size", "toy", "--out", str(tmp_path), "--time-budget-s", "0.01"]) == job.INCOMPLETE_EXIT
     assert not (tmp_path / "summary.json").exists()
@@ -79,12 +94,26 @@ def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path):
     for n in ("1", "4"):
         assert 0.0 <= res["detection"][n]["auc"] <= 1.0 and 0.0 <= res["detection"][n]["tpr_at_1pct_fpr"] <= 1.0
     assert [r["guidance_scale"] for r in res["regime"]] == list(job.REGIME_SCALES)
+    # every lever at every high scale (the toy run keeps raw weights, so all of them run)
+    assert [(r["guidance_scale"], r["lever"]) for r in res["regime_levers"]] == [
+        (gs, name) for gs in job.LEVER_SCALES for name, _ in job.LEVERS
+    ]
+    plain_7 = next(r for r in res["regime_levers"] if r["guidance_scale"] == 7.5 and r["lever"] == "plain CFG")
+    reg_7 = next(r for r in res["regime"] if r["guidance_scale"] == 7.5)
+    # the levers' own loop is the undefended sampler: its plain-CFG row scores what the regime's does
+    assert plain_7["memorized_prompts"]["copy_mean"] == pytest.approx(reg_7["memorized_prompts"]["copy_mean"])
+    cal = res["copy_calibration"]
+    assert res["extractor"].startswith("pixel") and cal["fpr"] <= job.COPY_FPR
+    assert all(0.0 <= r["copy_over"] <= 1.0 for r in res["methods"])
     assert len(res["calibration"]["per_step"]["memorized"]["p50"]) == job.SIZES["toy"].sample_steps
+    assert len(res["calibration"]["auc_by_step"]) == job.SIZES["toy"].sample_steps
+    assert all(0.0 <= a <= 1.0 for a in res["calibration"]["auc_by_step"])
     assert {"plain + none", "IET-AGC+ + none"} <= set(res["combined"])
     assert "time" in res["targets"]
     md = (tmp_path / "results.md").read_text()
     assert "| prss | 0.9 |" in md and "Detection" in md and "Combined system" in md and "Regime" in md
-    for f in ("prss.png", "memorized_prompts.png", "regime.png"):
+    assert "Sampler levers" in md and "copies** when" in md
+    for f in ("prss.png", "memorized_prompts.png", "regime.png", "regime-levers.png"):
         assert (tmp_path / f).stat().st_size > 1000
     # a second call reuses every cached stage and writes the same methods table
     assert job.main(["--size", "toy", "--out", str(tmp_path)]) == 0
@@ -92,3 +121,16 @@ def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path):
     assert [(r["name"], r["copy_mean"]) for r in again["methods"]] == [
         (r["name"], r["copy_mean"]) for r in prss and res["methods"]
     ]
+
+
+def test_arm_configs_split_the_steps_and_carry_the_warm_start():
+    job = _job()
+    size = job.Size(**{**job.SIZES["cpu"].__dict__, "init_from": "runs/prss/baseline@3"})
+    split = {"train": "runs/prss/data/train.parquet"}
+    base, plus = job.arm_config(size, split, "baseline"), job.arm_config(size, split, "iet-agc-plus")
+    assert base.shards.count == 1 and plus.shards.count == size.shards
+    for cfg in (base, plus):  # the same total optimizer steps in both arms, from the same warm start
+        assert cfg.train.rounds * cfg.train.steps_per_round * cfg.shards.count == size.train_steps
+        assert cfg.train.init_from == "runs/prss/baseline@3"
+        assert cfg.model.caption_dropout == size.caption_dropout
+    assert job.arm_config(job.SIZES["cpu"], split, "baseline").train.init_from is None

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["augmented_copies", "calibration_pairs"]
+__all__ = ["augmented_copies", "calibration_pairs", "distinct_subset"]
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -118,3 +118,27 @@ def calibration_pairs(
     np.fill_diagonal(sim, -np.inf)
     distinct_scores = sim.max(axis=1)
     return copy_scores.astype(np.float64), distinct_scores.astype(np.float64)
+
+
+def distinct_subset(features: torch.Tensor | np.ndarray, max_similarity: float) -> np.ndarray:
+    """Indices (increasing) of a subset in which no two rows have cosine similarity >= ``max_similarity``.
+
+    Greedy in row order: a row is kept unless it is that similar to a row kept before it. Why:
+    a benchmark of copying needs training images that are distinct from each other; emoji come
+    in near-identical variants (skin tones, flags that differ in one stripe), and with a variant
+    in the set a copy has a second neighbour as close as its first, so the 1/3 rule never fires
+    and a held-out prompt for one variant "copies" its sibling by construction.
+    """
+    f = _unit_rows(features)
+    if f.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    if not -1.0 <= max_similarity <= 1.0:
+        raise ValueError(f"max_similarity must be a cosine in [-1, 1], got {max_similarity}")
+    kept: list[int] = []
+    blocked = np.zeros(f.shape[0], dtype=bool)
+    for i in range(f.shape[0]):
+        if blocked[i]:
+            continue
+        kept.append(i)
+        blocked[i:] |= f[i:] @ f[i] >= max_similarity
+    return np.asarray(kept, dtype=np.int64)

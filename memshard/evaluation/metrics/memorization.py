@@ -24,6 +24,7 @@ __all__ = [
     "calibration_problem",
     "copy_similarity",
     "memorization_report",
+    "threshold_at_fpr",
 ]
 
 _RANGE_TOL = 1e-3
@@ -225,5 +226,34 @@ def calibrate_threshold(copy_scores: np.ndarray, distinct_scores: np.ndarray) ->
         "copy_mean": float(pos.mean()),
         "distinct_mean": float(neg.mean()),
         "n_copy": int(pos.size),
+        "n_distinct": int(neg.size),
+    }
+
+
+def threshold_at_fpr(distinct_scores: np.ndarray, fpr: float = 0.01, copy_scores: np.ndarray | None = None) -> dict:
+    """The copy threshold that distinct images exceed at rate ``fpr`` (same keys as :func:`calibrate_threshold`).
+
+    For measures that augmented copies cannot calibrate (pixel correlation is not invariant to
+    the crops and flips of :func:`~memshard.evaluation.copies.augmented_copies`): a generation is
+    called a copy when it is closer to a training image than all but ``fpr`` of the training
+    images are to their nearest other training image. ``copy_scores``, when given, only fill in
+    the TPR and copy mean of the report.
+    """
+    neg = np.sort(np.asarray(distinct_scores, dtype=np.float64).ravel())
+    if neg.size == 0:
+        raise ValueError("need distinct scores to calibrate a threshold")
+    if not 0.0 < fpr < 1.0:
+        raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+    # just above the score below the top floor(fpr * n) distinct scores (ties fall below: fewer, never more)
+    allowed = int(np.floor(fpr * neg.size))
+    threshold = float(np.nextafter(neg[neg.size - allowed - 1], np.inf))
+    pos = None if copy_scores is None else np.asarray(copy_scores, dtype=np.float64).ravel()
+    return {
+        "threshold": threshold,
+        "tpr": float((pos >= threshold).mean()) if pos is not None and pos.size else float("nan"),
+        "fpr": float((neg >= threshold).mean()),
+        "copy_mean": float(pos.mean()) if pos is not None and pos.size else float("nan"),
+        "distinct_mean": float(neg.mean()),
+        "n_copy": int(pos.size) if pos is not None else 0,
         "n_distinct": int(neg.size),
     }
