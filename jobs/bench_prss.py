@@ -109,11 +109,12 @@ SIZES = {
     "cpu-tiny": Size(16, "tiny", 24, 10, 40, 64, 6000, 32, 5e-4, 4, 2, 50, 1.0, guidance_scale=1.5),
     # the attempt at PRSS's regime: a 2M UNet, a stronger unconditional branch (dropout 0.2)
     # and enough distinct captions that held-out prompts have something to generalise from.
-    # Measured (the regime table in BENCHMARKS.md): it copies its duplicated images at CFG
-    # 1.5 but turns them to colour noise from CFG 3 up, so the methods run at 1.5.
+    # Measured (the regime and lever tables in BENCHMARKS.md): it copies its duplicated images
+    # at CFG 1.5 (98% of generations) but turns them to colour noise from CFG 3 up, with or
+    # without guidance rescale, dynamic thresholding or raw weights; so the methods run at 1.5.
     "cpu": Size(16, "small", 24, 20, 1200, 200, 8000, 32, 1e-3, 4, 2, 50, 1.0, guidance_scale=1.5, caption_dropout=0.2),
-    # ready, not run (no GPU was lent): a 25M UNet at 32 px, 100 memorized captions x20 (1,400 distinct images),
-    # 30,000 steps at batch 64; in 9-minute calls with --time-budget-s 540
+    # ready, not run (no GPU was lent): a 25M UNet at 32 px, 100 memorized captions x20, 30,000 steps
+    # at batch 64 (1,400 of the 1,581 distinct images at 32 px); in 9-minute calls with --time-budget-s 540
     "gpu": Size(32, "base", 100, 20, 1050, 250, 30000, 64, 1e-3, 4, 4, 50, 4.0, 800, caption_dropout=0.2, gpus=1.0),
     # the test suite's size: every code path, no claim about the numbers
     "toy": Size(16, "tiny", 4, 3, 8, 8, 32, 8, 1e-3, 2, 2, 4, 2.0, align_steps=20),
@@ -923,7 +924,13 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 def publish(out: str, size: str) -> None:
     """Copy summary.json and the plots to docs/results/bench-prss-SIZE* (BENCHMARKS.md is generated from them)."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    for name, suffix in (("summary.json", ".json"), ("prss.png", ".png"), ("memorized_prompts.png", "-memorized.png")):
+    for name, suffix in (
+        ("summary.json", ".json"),
+        ("prss.png", ".png"),
+        ("memorized_prompts.png", "-memorized.png"),
+        ("regime.png", "-regime.png"),
+        ("regime-levers.png", "-levers.png"),
+    ):
         shutil.copyfile(os.path.join(out, name), os.path.join(RESULTS_DIR, f"bench-prss-{size}{suffix}"))
     console.print(f"published docs/results/bench-prss-{size}.json; now run python jobs/benchmarks_md.py")
 
@@ -950,7 +957,7 @@ def render(s: dict[str, Any], plot_path: str) -> str:
         f"{c['gens_per_prompt']} generations per memorized prompt, {c['sample_steps']}-step DDIM, "
         f"**CFG {s['guidance_scale']}**.",
         "",
-        f"Copy similarity: {s['extractor']} (cosine of mean-centred pixels) to the nearest training image; "
+        f"Copy similarity: {s['extractor']}, the cosine to the nearest training image; "
         f"a generation **copies** when it scores at least {cal['threshold']:.3f}, which "
         f"{cal['fpr']:.1%} of training images reach against their nearest other training image "
         f"(mean {cal['distinct_mean']:.3f}; augmented crops/flips of training images reach it {_rate(cal['tpr'])}). "
