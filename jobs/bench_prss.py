@@ -943,26 +943,9 @@ def _rate(v: float) -> str:
     return "n/a" if v != v else f"{v:.0%}"  # NaN: no copy scores were given
 
 
-def render(s: dict[str, Any], plot_path: str) -> str:
-    """BENCHMARKS.md's generated block for one size: calibration, methods, detection, time, combined."""
-    base = s["methods"][0]
-    c = s["config"]
-    cal = s["copy_calibration"]
+def _regime_tables(s: dict[str, Any]) -> list[str]:
+    """The regime table (undefended model over CFG scales) and, when measured, the sampler-lever table."""
     lines = [
-        f"Command: `{s['command']}`",
-        "",
-        f"Model: `{c['preset']}` text-conditional UNet at {c['image_size']} px, {c['train_steps']} steps at batch "
-        f"{c['batch_size']}, caption dropout {c['caption_dropout']}; {c['num_memorized']} memorized captions (each "
-        f"image x{c['duplicates']}), {c['num_single']} seen once, {c['num_heldout']} held out; "
-        f"{c['gens_per_prompt']} generations per memorized prompt, {c['sample_steps']}-step DDIM, "
-        f"**CFG {s['guidance_scale']}**.",
-        "",
-        f"Copy similarity: {s['extractor']}, the cosine to the nearest training image; "
-        f"a generation **copies** when it scores at least {cal['threshold']:.3f}, which "
-        f"{cal['fpr']:.1%} of training images reach against their nearest other training image "
-        f"(mean {cal['distinct_mean']:.3f}; augmented crops/flips of training images reach it {_rate(cal['tpr'])}). "
-        "Memorized: the 1/3 rule (pixel L2 to the nearest over the second nearest training image).",
-        "",
         "Regime of the undefended model (memorized prompts: share of generations that copy their own image "
         "by the 1/3 rule, and by copy similarity; held-out prompts: share that copy any training image):",
         "",
@@ -992,6 +975,37 @@ def render(s: dict[str, Any], plot_path: str) -> str:
             f"{r['heldout_prompts']['alignment']:.3f} |"
             for r in s["regime_levers"]
         ]
+    return lines
+
+
+def render(s: dict[str, Any], plot_path: str) -> str:
+    """BENCHMARKS.md's generated block for one size: calibration, methods, detection, time, combined.
+
+    A model-stage summary (a calibration run: ``regime`` and ``regime_levers`` only, no
+    ``methods``) renders as its command and the two regime tables.
+    """
+    if "methods" not in s:
+        return "\n".join([f"Command: `{s['command']}` ({s['what']})", "", *_regime_tables(s), ""])
+    base = s["methods"][0]
+    c = s["config"]
+    cal = s["copy_calibration"]
+    lines = [
+        f"Command: `{s['command']}`",
+        "",
+        f"Model: `{c['preset']}` text-conditional UNet at {c['image_size']} px, {c['train_steps']} steps at batch "
+        f"{c['batch_size']}, caption dropout {c['caption_dropout']}; {c['num_memorized']} memorized captions (each "
+        f"image x{c['duplicates']}), {c['num_single']} seen once, {c['num_heldout']} held out; "
+        f"{c['gens_per_prompt']} generations per memorized prompt, {c['sample_steps']}-step DDIM, "
+        f"**CFG {s['guidance_scale']}**.",
+        "",
+        f"Copy similarity: {s['extractor']}, the cosine to the nearest training image; "
+        f"a generation **copies** when it scores at least {cal['threshold']:.3f}, which "
+        f"{cal['fpr']:.1%} of training images reach against their nearest other training image "
+        f"(mean {cal['distinct_mean']:.3f}; augmented crops/flips of training images reach it {_rate(cal['tpr'])}). "
+        "Memorized: the 1/3 rule (pixel L2 to the nearest over the second nearest training image).",
+        "",
+        *_regime_tables(s),
+    ]
     lines += [
         "",
         "Memorized prompts, same seeds for every method (alignment with the ORIGINAL prompt: "

@@ -134,3 +134,21 @@ def test_arm_configs_split_the_steps_and_carry_the_warm_start():
         assert cfg.train.init_from == "runs/prss/baseline@3"
         assert cfg.model.caption_dropout == size.caption_dropout
     assert job.arm_config(job.SIZES["cpu"], split, "baseline").train.init_from is None
+
+
+def test_a_model_stage_summary_renders_its_regime_tables():
+    job = _job()
+    row = {"copy_mean": 0.9, "copy_p95": 0.95, "copy_over": 0.5, "memorized_fraction": 0.1, "alignment": 0.3}
+    s = {
+        "command": "python jobs/bench_prss.py --stage model",
+        "what": "a calibration run",
+        "regime": [{"guidance_scale": 7.5, "memorized_prompts": {**row, "copies_own": 0.1}, "heldout_prompts": row}],
+        "regime_levers": [
+            {"guidance_scale": 7.5, "lever": "guidance rescale 0.7", "memorized_prompts": {**row, "copies_own": 0.0},
+             "heldout_prompts": row}
+        ],
+    }  # fmt: skip
+    md = job.render(s, "unused.png")
+    assert "a calibration run" in md and "| 7.5 | 10.0% | 50.0% |" in md
+    assert "| 7.5 | guidance rescale 0.7 | 50.0% |" in md
+    assert "Memorized prompts, same seeds" not in md
