@@ -29,7 +29,7 @@ spec's tau/lambda_pr). The held-out prompts that trigger at each level are the c
     python jobs/bench_prss.py --size cpu --out runs/bench-prss-cpu --publish
     python jobs/bench_prss.py --size cpu --out runs/prss-cal --stage model --size-set caption_dropout=0.1
     python jobs/bench_prss.py --size cpu --out runs/prss-long --stage model \
-        --size-set init_from=runs/bench-prss-cpu/baseline
+        --size-set init_from=runs/bench-prss-cpu/baseline --size-set train_steps=4000
 
 Resumable: finished trainings, calibration, detection and every method's generations are
 kept under OUT; run the same command again. ``--time-budget-s`` bounds one call (exit 3
@@ -418,14 +418,16 @@ def lever_sample(
     from memshard.models.sampling import to_uint8
     from memshard.models.text import TextCond
     from memshard.prss.reanchor import cfg_eps
-    from memshard.prss.sampler import make_scheduler
+    from memshard.prss.sampler import encode_batch, make_scheduler, uncond_batch
 
     outs = []
     for s0 in range(0, len(prompts), 32):
         p = prompts[s0 : s0 + 32]
         x = pipe.initial_noise(len(p), seeds=seeds[s0 : s0 + 32])
         sched = make_scheduler({**pipe.scheduler.config, **(scheduler or {})}, steps, x.device)
-        cond = TextCond.cat([pipe.encode_prompts([""]).repeat(len(p)), pipe.encode_prompts(p)])
+        cond = TextCond.cat(
+            [uncond_batch(pipe.encode_prompts, len(p), x.device), encode_batch(pipe.encode_prompts, p, x.device)]
+        )
         for t in sched.timesteps:
             tt = torch.full((2 * len(p),), int(t), device=x.device, dtype=torch.long)
             e0, ec = pipe.eps(torch.cat([x, x]), tt, cond).chunk(2)
@@ -439,17 +441,25 @@ def lever_sample(
 
 
 def regime_levers(
-    served: str, judge: Judge, caps: dict[str, list[str]], g: int, steps: int, out: str, train_mem: np.ndarray
+    pipe: Any,
+    served: str,
+    judge: Judge,
+    caps: dict[str, list[str]],
+    g: int,
+    steps: int,
+    out: str,
+    train_mem: np.ndarray,
 ) -> list[dict[str, Any]]:
     """Each of LEVERS at each of LEVER_SCALES: do memorized prompts still copy and held-out ones follow?
 
+    ``pipe`` is the served (EMA) pipeline, ``served`` its directory (the raw weights load from it).
     Held-out prompts: the first 48 (the study is about whether samples are images at all).
     ``regime-levers.png``: a row per prompt, a column per (scale, lever).
     """
     from memshard.models.sampling import grid
     from memshard.prss.pipeline import load_served_t2i
 
-    pipes = {"ema": on_device(load_served_t2i(served))}
+    pipes = {"ema": pipe}  # the served (EMA) pipeline the caller already loaded
     if os.path.isdir(os.path.join(served, "unet_raw")):
         pipes["raw"] = on_device(load_served_t2i(served, unet_subfolder="unet_raw"))
     mem_p = [c for c in caps["memorized"] for _ in range(g)]
@@ -458,12 +468,12 @@ def regime_levers(
     rows, cols = [], []
     for gs in LEVER_SCALES:
         for name, lever in LEVERS:
-            pipe = pipes.get(lever.get("weights", "ema"))
-            if pipe is None:
+            lever_pipe = pipes.get(lever.get("weights", "ema"))
+            if lever_pipe is None:
                 continue
             kw = {k: v for k, v in lever.items() if k != "weights"}
-            gm = lever_sample(pipe, mem_p, list(range(len(mem_p))), steps, gs, **kw)
-            gh = lever_sample(pipe, held_p, list(range(10_000, 10_000 + len(held_p))), steps, gs, **kw)
+            gm = lever_sample(lever_pipe, mem_p, list(range(len(mem_p))), steps, gs, **kw)
+            gh = lever_sample(lever_pipe, held_p, list(range(10_000, 10_000 + len(held_p))), steps, gs, **kw)
             row = {"guidance_scale": gs, "lever": name, "memorized_prompts": judge(gm, mem_p, own),
                    "heldout_prompts": judge(gh, held_p)}  # fmt: skip
             rows.append(row)
@@ -781,6 +791,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         args.out,
         "regime-levers",
         lambda: regime_levers(
+            pipe,
             os.path.join(plain_run, "served"),
             judge,
             caps,
