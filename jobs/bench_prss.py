@@ -133,6 +133,7 @@ WEN_LEVELS = (0.5, 0.9, 0.97)  # Wen et al. optimise down to lambda_ss of these 
 # Benchmark images are mutually distinct: no two with pixel correlation (PixelExtractor cosine) at or above
 # this at the size's resolution. 16 px emoji: 1,910 distinct captions, 1,491 of them pass (0.95 would keep 1,689).
 DISTINCT_NCC = 0.9
+MODEL_SUMMARY = "model-summary.json"  # what --stage model writes (summary.json stays the full benchmark's)
 INCOMPLETE_EXIT = 3  # a --time-budget-s call that stopped early; run the same command again
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "results")
 
@@ -401,16 +402,35 @@ LEVERS: tuple[tuple[str, dict[str, Any]], ...] = (
     # Imagen's dynamic thresholding (x0 clipped at its 95th |value| percentile s, then / s; s <= 3)
     ("dynamic thresholding", {"scheduler": DYNAMIC_THRESHOLDING}),
     ("raw (non-EMA) weights", {"weights": "raw"}),
+    # Kynkaanniemi et al. 2024: guidance only in part of the trajectory (the rest at scale 1)
+    ("guidance in the noisiest 60%", {"interval": (0.0, 0.6)}),
+    ("guidance in the last 80%", {"interval": (0.2, 1.0)}),
 )
 LEVER_SCALES = (5.0, 7.5)
+
+
+def guided_steps(interval: tuple[float, float], steps: int) -> range:
+    """The DDIM steps (0 = noisiest) that apply guidance: those in the ``interval`` fraction of the trajectory.
+
+    Guidance in a limited interval (Kynkaanniemi et al. 2024): where a small model's conditional
+    and unconditional predictions differ mostly by its error, a large scale only amplifies that
+    error. ``(0, 1)`` guides every step (plain CFG). A lever of the regime study, not of the
+    sampler: on the cpu model it removed the colour noise only by losing the image (BENCHMARKS.md).
+    """
+    lo, hi = interval
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"guidance interval must satisfy 0 <= start < end <= 1, got {interval}")
+    first = round(lo * steps)
+    return range(first, max(first + 1, round(hi * steps)))
 
 
 @torch.no_grad()
 def lever_sample(
     pipe: Any, prompts: list[str], seeds: list[int], steps: int, gs: float, rescale: float = 0.0,
-    scheduler: dict[str, Any] | None = None,
+    scheduler: dict[str, Any] | None = None, interval: tuple[float, float] = (0.0, 1.0),
 ) -> np.ndarray:  # fmt: skip
-    """Plain-CFG DDIM with one sampler lever: guidance rescale ``rescale`` or scheduler overrides.
+    """Plain-CFG DDIM with one sampler lever: guidance rescale ``rescale``, scheduler overrides, or
+    guidance only in the ``interval`` fraction of the steps (memshard.prss.sampler.guided_steps).
 
     Its own loop (the undefended arithmetic of memshard.prss.sampler) because guidance rescale
     needs both branches, which the pipeline does not expose; for the regime study only.
@@ -428,10 +448,11 @@ def lever_sample(
         cond = TextCond.cat(
             [uncond_batch(pipe.encode_prompts, len(p), x.device), encode_batch(pipe.encode_prompts, p, x.device)]
         )
-        for t in sched.timesteps:
+        guided = guided_steps(interval, steps)
+        for i, t in enumerate(sched.timesteps):
             tt = torch.full((2 * len(p),), int(t), device=x.device, dtype=torch.long)
             e0, ec = pipe.eps(torch.cat([x, x]), tt, cond).chunk(2)
-            eps = cfg_eps(e0, ec, gs)
+            eps = cfg_eps(e0, ec, gs if i in guided else 1.0)
             if rescale:
                 ratio = (ec.flatten(1).std(dim=1) / eps.flatten(1).std(dim=1)).view(-1, *[1] * (eps.dim() - 1))
                 eps = rescale * eps * ratio + (1 - rescale) * eps
@@ -653,7 +674,11 @@ def _reduction(v: float, base: float) -> float | None:
 
 
 def targets(
-    results: list[dict[str, Any]], combined: dict[str, Any] | None, untrig: dict[str, Any], distinct_mean: float
+    results: list[dict[str, Any]],
+    combined: dict[str, Any] | None,
+    untrig: dict[str, Any],
+    distinct_mean: float,
+    trig_alone: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The issue's targets, measured: PRSS's best level within 5% alignment, time, and the combined system.
 
@@ -681,6 +706,8 @@ def targets(
         }
     trig = [r["time_ratio"] for r in results if r["method"] == "prss"]
     out["time"] = {"triggered_max": max(trig) if trig else None, **untrig}
+    if trig_alone and trig_alone.get("images"):
+        out["time"]["triggered_alone_time_ratio"] = trig_alone["time_ratio"]
     if combined:
         plain = combined["plain + none"]
         matched = {
@@ -735,6 +762,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument("--time-budget-s", type=float, help="stop this call after about this long (exit 3; rerun)")
     ap.add_argument("--publish", action="store_true", help="copy summary.json and plots to docs/results/")
+    ap.add_argument(
+        "--publish-name", default="", metavar="NAME",
+        help="publish as docs/results/bench-prss-SIZE-NAME.json (calibration runs; --stage model: default 'model')",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     try:
         return run(args, argv)
@@ -802,7 +833,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         ),
     )
     if args.stage == "model":
-        console.print(f"wrote {args.out}/regime.json, regime.png, regime-levers.json, regime-levers.png")
+        summary = model_summary(args.size, size, plain_run, args.out, model_regime, levers, argv)
+        write_json(os.path.join(args.out, MODEL_SUMMARY), summary)
+        console.print(f"wrote {args.out}/{MODEL_SUMMARY}, regime.png, regime-levers.png")
+        if args.publish:
+            publish(args.out, args.size, args.publish_name or "model", model_only=True)
         return 0
     plus_run = None if args.skip_combined else train_arm(size, split, args.out, "iet-agc-plus", deadline)
 
@@ -880,6 +915,33 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     untriggered = cached(args.out, f"untriggered-{tag}", untriggered_cost)
 
+    def triggered_cost() -> dict[str, Any]:
+        """The memorized generations PRSS triggers on (mid level), sampled as batches of their own:
+        the issue's x1.6 is about a triggered image, while the method arms' batches mix in untriggered
+        ones (whose bitwise guarantee keeps every branch). Best of 2 timings each (a shared machine)."""
+        from memshard.prss.sampler import first_step_magnitude
+
+        x_T = pipe.initial_noise(len(m_prompts), seeds=m_seeds)
+        m0 = first_step_magnitude(pipe.eps, pipe.encode_prompts, pipe.scheduler.config, m_prompts, x_T, steps)
+        idx = [i for i, m in enumerate(m0.tolist()) if m > mid["lambda_ss"]][:64]
+        if not idx:
+            return {"level": MID_LEVEL, "images": 0}
+        only, seeds_t = [m_prompts[i] for i in idx], [m_seeds[i] for i in idx]
+        t_prss, t_plain, reps = float("inf"), float("inf"), []
+        for _ in range(2):
+            _, reps, t = generate(pipe, only, seeds_t, steps, gs, **mid_kw)
+            t_prss = min(t_prss, t)
+            t_plain = min(t_plain, generate(pipe, only, seeds_t, steps, gs, prss=False)[2])
+        return {
+            "level": MID_LEVEL,
+            "images": len(idx),
+            "time_ratio": t_prss / t_plain,
+            "pr_steps": float(np.mean([r["pr_steps"] for r in reps])),
+            "candidates_scored": float(np.mean([r["candidates_scored"] for r in reps])),
+        }
+
+    triggered = cached(args.out, f"triggered-{tag}", triggered_cost)
+
     # ---- the combined system: IET-AGC+ training, then PRSS calibrated on that model
     combined = None
     if plus_run is not None:
@@ -917,8 +979,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "default_provider": DEFAULT_PROVIDER,
         "methods": results,
         "untriggered": untriggered,
+        "triggered_alone": triggered,
         "combined": combined,
-        "targets": targets(results, combined, untriggered, judge.calibration["distinct_mean"]),
+        "targets": targets(results, combined, untriggered, judge.calibration["distinct_mean"], triggered),
         "wall_s": time.perf_counter() - t_start,
         "command": " ".join(["python", "jobs/bench_prss.py", *(argv if argv is not None else sys.argv[1:])]),
     }
@@ -928,22 +991,56 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     open(os.path.join(args.out, "results.md"), "w").write(render(summary, "prss.png"))
     console.print(f"wrote {args.out}/summary.json, results.md, prss.png, memorized_prompts.png")
     if args.publish:
-        publish(args.out, args.size)
+        publish(args.out, args.size, args.publish_name)
     return 0
 
 
-def publish(out: str, size: str) -> None:
-    """Copy summary.json and the plots to docs/results/bench-prss-SIZE* (BENCHMARKS.md is generated from them)."""
+def total_steps(run: str) -> int:
+    """Optimizer steps behind a run's model, its warm start's (train.init_from) included."""
+    from memshard.io.rundir import training_through
+
+    manifest = json.loads(open(os.path.join(run, "run.json")).read())
+    return int(training_through(manifest, int(manifest["rounds_completed"]))["train_steps"])
+
+
+def model_summary(
+    size_name: str, size: Size, run: str, out: str, model_regime: Any, levers: Any, argv: list[str] | None
+) -> dict[str, Any]:
+    """The summary of a ``--stage model`` call (a calibration run): the model and its regime tables."""
+    steps = total_steps(run)
+    what = f"the {size_name} size's undefended model, {steps:,} steps"
+    if size.init_from:
+        what += f" ({size.train_steps:,} of them continuing {size.init_from})"
+    timing = os.path.join(out, "baseline.timing.json")
+    return {
+        "size": size_name,
+        "what": what,
+        "total_steps": steps,
+        "config": size.__dict__,
+        "train": json.loads(open(timing).read()) if os.path.exists(timing) else None,
+        "regime": model_regime,
+        "regime_levers": levers,
+        "command": " ".join(["python", "jobs/bench_prss.py", *(argv if argv is not None else sys.argv[1:])]),
+    }
+
+
+def publish(out: str, size: str, name: str = "", model_only: bool = False) -> None:
+    """Copy summary.json and the plots to docs/results/bench-prss-SIZE[-NAME]* (BENCHMARKS.md is generated from them).
+
+    A model-stage summary (``model_only``) has no methods plot or sample grid to copy.
+    """
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    for name, suffix in (
-        ("summary.json", ".json"),
-        ("prss.png", ".png"),
-        ("memorized_prompts.png", "-memorized.png"),
+    stem = f"bench-prss-{size}" + (f"-{name}" if name else "")
+    files = [
+        (MODEL_SUMMARY if model_only else "summary.json", ".json"),
         ("regime.png", "-regime.png"),
         ("regime-levers.png", "-levers.png"),
-    ):
-        shutil.copyfile(os.path.join(out, name), os.path.join(RESULTS_DIR, f"bench-prss-{size}{suffix}"))
-    console.print(f"published docs/results/bench-prss-{size}.json; now run python jobs/benchmarks_md.py")
+    ]
+    if not model_only:
+        files += [("prss.png", ".png"), ("memorized_prompts.png", "-memorized.png")]
+    for src, suffix in files:
+        shutil.copyfile(os.path.join(out, src), os.path.join(RESULTS_DIR, stem + suffix))
+    console.print(f"published docs/results/{stem}.json; now run python jobs/benchmarks_md.py")
 
 
 def _pct(v: float | None) -> str:
@@ -1083,6 +1180,14 @@ def render(s: dict[str, Any], plot_path: str) -> str:
         )
         + f"; untriggered images bit-identical to plain CFG: {u['untriggered_equal']}.",
     ]
+    t = s.get("triggered_alone") or {}
+    if t.get("images"):
+        lines += [
+            "",
+            f"Memorized prompts PRSS triggers on (level {t['level']}), {t['images']} images sampled as batches of "
+            f"their own: x{t['time_ratio']:.2f} of plain CFG ({t['candidates_scored']:.0f} candidates scored, "
+            f"re-anchored at {t['pr_steps']:.0f} of {s['config']['sample_steps']} steps; best of 2 timings).",
+        ]
     if s.get("combined"):
         lines += [
             "",

@@ -64,7 +64,7 @@ def test_a_calibration_run_cannot_reuse_data_of_another_shape(real_emoji, tmp_pa
 
 
 @pytest.mark.ray
-def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path):
+def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path, monkeypatch):
     job = _job()
     # the combined system's arm alone (a second process beside --stage model): the baseline is not touched
     assert job.main(["--size", "toy", "--out", str(tmp_path), "--stage", "plus"]) == 0
@@ -91,6 +91,10 @@ def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path):
     assert [r["triggered"] for r in prss] == sorted(r["triggered"] for r in prss)
     assert res["methods"][0]["triggered"] == 0.0 and res["methods"][0]["time_ratio"] == 1.0
     assert res["untriggered"]["untriggered_equal"] is True
+    alone = res["triggered_alone"]  # the memorized generations the mid level triggers on, timed by themselves
+    assert 0 < alone["images"] <= 64 and alone["time_ratio"] > 0
+    assert 0 <= alone["pr_steps"] <= job.SIZES["toy"].sample_steps
+    assert res["targets"]["time"]["triggered_alone_time_ratio"] == alone["time_ratio"]
     for n in ("1", "4"):
         assert 0.0 <= res["detection"][n]["auc"] <= 1.0 and 0.0 <= res["detection"][n]["tpr_at_1pct_fpr"] <= 1.0
     assert [r["guidance_scale"] for r in res["regime"]] == list(job.REGIME_SCALES)
@@ -121,6 +125,17 @@ def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path):
     assert [(r["name"], r["copy_mean"]) for r in again["methods"]] == [
         (r["name"], r["copy_mean"]) for r in prss and res["methods"]
     ]
+    # a model-stage call (a calibration run) publishes its own summary under its own name; the
+    # full benchmark's summary.json is left as it was
+    monkeypatch.setattr(job, "RESULTS_DIR", str(tmp_path / "published"))
+    argv = ["--size", "toy", "--out", str(tmp_path), "--stage", "model", "--publish", "--publish-name", "cont"]
+    assert job.main(argv) == 0
+    model = json.loads((tmp_path / "published" / "bench-prss-toy-cont.json").read_text())
+    assert model["total_steps"] == job.SIZES["toy"].train_steps and "methods" not in model
+    assert model["regime"] == res["regime"] and model["command"].endswith("--publish-name cont")
+    assert (tmp_path / "published" / "bench-prss-toy-cont-levers.png").exists()
+    assert json.loads((tmp_path / "summary.json").read_text())["methods"] == again["methods"]
+    assert "the toy size's undefended model, 32 steps" in job.render(model, "unused.png")
 
 
 def test_arm_configs_split_the_steps_and_carry_the_warm_start():
@@ -134,6 +149,17 @@ def test_arm_configs_split_the_steps_and_carry_the_warm_start():
         assert cfg.train.init_from == "runs/prss/baseline@3"
         assert cfg.model.caption_dropout == size.caption_dropout
     assert job.arm_config(job.SIZES["cpu"], split, "baseline").train.init_from is None
+
+
+def test_guidance_intervals_name_the_guided_steps():
+    job = _job()
+    assert job.guided_steps((0.0, 1.0), 50) == range(50)
+    assert job.guided_steps((0.0, 0.6), 50) == range(30)
+    assert job.guided_steps((0.2, 1.0), 50) == range(10, 50)
+    assert job.guided_steps((0.5, 0.51), 4) == range(2, 3)  # never empty
+    for bad in ((0.6, 0.2), (-0.1, 1.0), (0.0, 1.5)):
+        with pytest.raises(ValueError, match="guidance interval"):
+            job.guided_steps(bad, 50)
 
 
 def test_a_model_stage_summary_renders_its_regime_tables():

@@ -187,7 +187,8 @@ def test_search_keeps_original_when_it_is_lowest_and_empty_candidates() -> None:
     assert rep[0]["triggered"] and rep[0]["chosen_prompt"] == "a1"  # 60 < 100
     assert rep[0]["candidates_scored"] == 1  # the prompt itself is not a candidate
     assert rep[1]["triggered"] and rep[1]["chosen_prompt"] == "mem C" and rep[1]["candidates_scored"] == 0
-    assert calls == [4, 1] + [5] * (STEPS - 1)  # only A has an ess branch of its own
+    # only A has an ess branch of its own (a1, m ~60 > lambda_pr: A's ep every step too), C guides with ep
+    assert calls == [4, 1] + [4, 1] * (STEPS - 1)
     _, rep, calls = run(["mem C"], noise(1), candidates=[["worse"]])
     assert rep[0]["triggered"] and rep[0]["chosen_prompt"] == "mem C"  # the original is the lowest
     assert rep[0]["candidate_magnitudes"][0] == pytest.approx(150, abs=5)
@@ -210,11 +211,19 @@ def test_untriggered_images_are_bitwise_the_undefended_output() -> None:
     assert torch.equal(x_on, x_off[1::2])
 
 
-def test_all_triggered_batches_the_branches_in_one_call() -> None:
+def test_all_triggered_batches_compute_ep_only_where_it_reanchors() -> None:
     prompts = ["mem A", "mem C"]
-    _, rep, calls = run(prompts, noise(2))
-    assert all(r["triggered"] for r in rep)
-    assert calls == [4, 6] + [6] * (STEPS - 1)  # e0, ep, ess in one call per step
+    x_T = noise(2)
+    x, rep, calls = run(prompts, x_T)
+    assert all(r["triggered"] for r in rep) and [r["pr_steps"] for r in rep] == [0, STEPS]
+    # e0 and ess in one call per step; ep only for C, whose ess (c2, m ~30) is above lambda_pr 20
+    assert calls == [4, 6] + [4, 1] * (STEPS - 1)
+    # the same images as each one sampled beside an untriggered image (the path that computes every branch)
+    x_mixed, _, _ = run([*prompts, "safe B"], torch.cat([x_T, noise(1, seed=9)]))
+    torch.testing.assert_close(x, x_mixed[:2], atol=1e-4, rtol=1e-4)
+    # nothing re-anchors (lambda_pr above every m_t): no ep call at all after step 1
+    _, _, calls = run(prompts, x_T, PRSSOptions(lambda_ss=10.0, lambda_pr=1e6, tau=2e6))
+    assert calls == [4, 6] + [4] * (STEPS - 1)
     _, _, calls = run(prompts, noise(2), PRSSOptions(mode="ss", lambda_ss=10.0, lambda_pr=20.0, tau=40.0))
     assert calls == [4, 6] + [4] * (STEPS - 1)  # ss: e0 and the chosen prompt only
 
