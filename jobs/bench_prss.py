@@ -127,6 +127,8 @@ MID_LEVEL = 0.9
 # the bank did not beat the baselines' trade-off here, BENCHMARKS.md).
 PROVIDERS = ("bank", "perturb", "list")
 DEFAULT_PROVIDER = "bank"
+# PRSS with fewer candidates scored (the spec's 25 is num_candidates' default): the cost of a triggered image
+FEW_CANDIDATES = 8
 RANDOM_TOKENS = (1, 2, 4, 8)  # random_token's k, weakest to strongest
 NOISE_SIGMAS = (0.1, 0.3, 1.0)  # gaussian_noise's sigma on the token states
 WEN_LEVELS = (0.5, 0.9, 0.97)  # Wen et al. optimise down to lambda_ss of these levels
@@ -626,7 +628,9 @@ def candidate_providers(split: dict[str, Any], mem_caps: list[str]) -> dict[str,
         lab = labels[caps.index(c)]
         same = [x for x, lb in zip(caps, labels, strict=True) if lb == lab and x not in banned]
         lists[c] = [same[i] for i in rng.permutation(len(same))[:25]]
-    return {"bank": BankProvider(pool, enc.embed), "perturb": PerturbProvider(seed=0), "list": ListProvider(lists)}
+    bank = BankProvider(pool, enc.embed)
+    _ = bank.vectors  # embed the bank now: a one-time index build, not a cost of the first arm that searches it
+    return {"bank": bank, "perturb": PerturbProvider(seed=0), "list": ListProvider(lists)}
 
 
 def thresholds(lv: dict[str, Any]) -> dict[str, float]:
@@ -666,6 +670,8 @@ def method_arms(levels: list[dict[str, Any]], mid: dict[str, Any]) -> list[tuple
         for p in PROVIDERS
         if p != DEFAULT_PROVIDER
     ]
+    few = {"candidates": DEFAULT_PROVIDER, "num_candidates": FEW_CANDIDATES, **thresholds(mid)}
+    arms.append((f"prss-k{FEW_CANDIDATES} {MID_LEVEL}", f"prss-k{FEW_CANDIDATES}", MID_LEVEL, few))
     return arms
 
 
@@ -708,6 +714,7 @@ def targets(
     out["time"] = {"triggered_max": max(trig) if trig else None, **untrig}
     if trig_alone and trig_alone.get("images"):
         out["time"]["triggered_alone_time_ratio"] = trig_alone["time_ratio"]
+        out["time"]["triggered_alone_time_ratio_few_candidates"] = trig_alone.get("time_ratio_few_candidates")
     if combined:
         plain = combined["plain + none"]
         matched = {
@@ -927,17 +934,22 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         if not idx:
             return {"level": MID_LEVEL, "images": 0}
         only, seeds_t = [m_prompts[i] for i in idx], [m_seeds[i] for i in idx]
-        t_prss, t_plain, reps = float("inf"), float("inf"), []
+        best = {"prss": float("inf"), "few": float("inf"), "plain": float("inf")}
+        reps: list[dict[str, Any]] = []
         for _ in range(2):
             _, reps, t = generate(pipe, only, seeds_t, steps, gs, **mid_kw)
-            t_prss = min(t_prss, t)
-            t_plain = min(t_plain, generate(pipe, only, seeds_t, steps, gs, prss=False)[2])
+            best["prss"] = min(best["prss"], t)
+            t = generate(pipe, only, seeds_t, steps, gs, **mid_kw, num_candidates=FEW_CANDIDATES)[2]
+            best["few"] = min(best["few"], t)
+            best["plain"] = min(best["plain"], generate(pipe, only, seeds_t, steps, gs, prss=False)[2])
         return {
             "level": MID_LEVEL,
             "images": len(idx),
-            "time_ratio": t_prss / t_plain,
+            "time_ratio": best["prss"] / best["plain"],
             "pr_steps": float(np.mean([r["pr_steps"] for r in reps])),
             "candidates_scored": float(np.mean([r["candidates_scored"] for r in reps])),
+            "few_candidates": FEW_CANDIDATES,
+            "time_ratio_few_candidates": best["few"] / best["plain"],
         }
 
     triggered = cached(args.out, f"triggered-{tag}", triggered_cost)
@@ -1186,7 +1198,9 @@ def render(s: dict[str, Any], plot_path: str) -> str:
             "",
             f"Memorized prompts PRSS triggers on (level {t['level']}), {t['images']} images sampled as batches of "
             f"their own: x{t['time_ratio']:.2f} of plain CFG ({t['candidates_scored']:.0f} candidates scored, "
-            f"re-anchored at {t['pr_steps']:.0f} of {s['config']['sample_steps']} steps; best of 2 timings).",
+            f"re-anchored at {t['pr_steps']:.0f} of {s['config']['sample_steps']} steps; best of 2 timings); "
+            f"x{t.get('time_ratio_few_candidates', float('nan')):.2f} scoring {t.get('few_candidates', '?')} "
+            "candidates.",
         ]
     if s.get("combined"):
         lines += [

@@ -80,6 +80,7 @@ def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path, monkeypatc
     assert names[0] == "none" and len(names) == len(set(names))
     methods = {r["method"] for r in res["methods"]}
     assert {"random_token", "gaussian_noise", "wen", "pr", "ss", "prss", "prss-perturb", "prss-list"} <= methods
+    assert f"prss-k{job.FEW_CANDIDATES}" in methods
     for r in res["methods"]:  # the contract of summary.json: these keys for every method and level
         for key in ("copy_mean", "copy_p95", "memorized_fraction", "alignment", "time_ratio", "triggered", "level"):
             assert key in r, (r["name"], key)
@@ -95,6 +96,7 @@ def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path, monkeypatc
     assert 0 < alone["images"] <= 64 and alone["time_ratio"] > 0
     assert 0 <= alone["pr_steps"] <= job.SIZES["toy"].sample_steps
     assert res["targets"]["time"]["triggered_alone_time_ratio"] == alone["time_ratio"]
+    assert alone["time_ratio_few_candidates"] > 0 and alone["few_candidates"] == job.FEW_CANDIDATES
     for n in ("1", "4"):
         assert 0.0 <= res["detection"][n]["auc"] <= 1.0 and 0.0 <= res["detection"][n]["tpr_at_1pct_fpr"] <= 1.0
     assert [r["guidance_scale"] for r in res["regime"]] == list(job.REGIME_SCALES)
