@@ -111,7 +111,8 @@ SIZES = {
     # and enough distinct captions that held-out prompts have something to generalise from.
     # Measured (the regime and lever tables in BENCHMARKS.md): it copies its duplicated images
     # at CFG 1.5 (98% of generations) but turns them to colour noise from CFG 3 up, with or
-    # without guidance rescale, dynamic thresholding or raw weights; so the methods run at 1.5.
+    # without guidance rescale, dynamic thresholding, raw weights or a guidance interval; 20,000 steps of
+    # training move it towards the regime, slowly (BENCHMARKS.md); so the methods run at 1.5.
     "cpu": Size(16, "small", 24, 20, 1200, 200, 8000, 32, 1e-3, 4, 2, 50, 1.0, guidance_scale=1.5, caption_dropout=0.2),
     # ready, not run (no GPU was lent): a 25M UNet at 32 px, 100 memorized captions x20, 30,000 steps
     # at batch 64 (1,400 of the 1,581 distinct images at 32 px); in 9-minute calls with --time-budget-s 540
