@@ -433,7 +433,7 @@ def lever_sample(
     scheduler: dict[str, Any] | None = None, interval: tuple[float, float] = (0.0, 1.0),
 ) -> np.ndarray:  # fmt: skip
     """Plain-CFG DDIM with one sampler lever: guidance rescale ``rescale``, scheduler overrides, or
-    guidance only in the ``interval`` fraction of the steps (memshard.prss.sampler.guided_steps).
+    guidance only in the ``interval`` fraction of the steps (:func:`guided_steps`).
 
     Its own loop (the undefended arithmetic of memshard.prss.sampler) because guidance rescale
     needs both branches, which the pipeline does not expose; for the regime study only.
@@ -443,6 +443,7 @@ def lever_sample(
     from memshard.prss.reanchor import cfg_eps
     from memshard.prss.sampler import encode_batch, make_scheduler, uncond_batch
 
+    guided = guided_steps(interval, steps)
     outs = []
     for s0 in range(0, len(prompts), 32):
         p = prompts[s0 : s0 + 32]
@@ -451,7 +452,6 @@ def lever_sample(
         cond = TextCond.cat(
             [uncond_batch(pipe.encode_prompts, len(p), x.device), encode_batch(pipe.encode_prompts, p, x.device)]
         )
-        guided = guided_steps(interval, steps)
         for i, t in enumerate(sched.timesteps):
             tt = torch.full((2 * len(p),), int(t), device=x.device, dtype=torch.long)
             e0, ec = pipe.eps(torch.cat([x, x]), tt, cond).chunk(2)
@@ -996,7 +996,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "combined": combined,
         "targets": targets(results, combined, untriggered, judge.calibration["distinct_mean"], triggered),
         "wall_s": time.perf_counter() - t_start,
-        "command": " ".join(["python", "jobs/bench_prss.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
     }
     write_json(os.path.join(args.out, "summary.json"), summary)
     plot(summary, os.path.join(args.out, "prss.png"))
@@ -1006,6 +1006,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.publish:
         publish(args.out, args.size, args.publish_name)
     return 0
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The command that produced a summary, as BENCHMARKS.md shows it beside its numbers."""
+    return " ".join(["python", "jobs/bench_prss.py", *(argv if argv is not None else sys.argv[1:])])
 
 
 def total_steps(run: str) -> int:
@@ -1033,7 +1038,7 @@ def model_summary(
         "train": json.loads(open(timing).read()) if os.path.exists(timing) else None,
         "regime": model_regime,
         "regime_levers": levers,
-        "command": " ".join(["python", "jobs/bench_prss.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
     }
 
 
