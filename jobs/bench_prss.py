@@ -112,7 +112,8 @@ SIZES = {
     # Measured (the regime and lever tables in BENCHMARKS.md): it copies its duplicated images
     # at CFG 1.5 (98% of generations) but turns them to colour noise from CFG 3 up, with or
     # without guidance rescale, dynamic thresholding, raw weights or a guidance interval; 20,000 steps of
-    # training move it towards the regime, slowly (BENCHMARKS.md); so the methods run at 1.5.
+    # training move it towards the regime, slowly, and caption dropout 0.4 moves it away (BENCHMARKS.md);
+    # so the methods run at 1.5 (the 20,000-step model was also measured at 3 and 5: --size-set guidance_scale).
     "cpu": Size(16, "small", 24, 20, 1200, 200, 8000, 32, 1e-3, 4, 2, 50, 1.0, guidance_scale=1.5, caption_dropout=0.2),
     # ready, not run (no GPU was lent): a 25M UNet at 32 px, 100 memorized captions x20, 30,000 steps
     # at batch 64 (1,400 of the 1,581 distinct images at 32 px); in 9-minute calls with --time-budget-s 540
@@ -736,6 +737,31 @@ def targets(
     return out
 
 
+BASELINE_METHODS = ("random_token", "gaussian_noise", "wen")
+
+
+def dominance(methods: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Who beats whom on the privacy-alignment plot, point by point.
+
+    A point dominates another when its copy similarity is no higher and its alignment no
+    lower, one of them strictly. ``prss_dominated``: PRSS levels some baseline point
+    dominates (PRSS below the baselines' curve there); ``baselines_dominated``: baseline
+    points some PRSS level dominates (PRSS above it). Both empty: the curves do not overlap
+    or cross without either winning, which a reader sees in the plot.
+    """
+
+    def beats(a: dict[str, Any], b: dict[str, Any]) -> bool:
+        no_worse = a["copy_mean"] <= b["copy_mean"] and a["alignment"] >= b["alignment"]
+        return no_worse and (a["copy_mean"] < b["copy_mean"] or a["alignment"] > b["alignment"])
+
+    prss = [r for r in methods if r["method"] == "prss"]
+    base = [r for r in methods if r["method"] in BASELINE_METHODS]
+    return {
+        "prss_dominated": [p["name"] for p in prss if any(beats(b, p) for b in base)],
+        "baselines_dominated": [b["name"] for b in base if any(beats(p, b) for p in prss)],
+    }
+
+
 def with_overrides(size: Size, args: argparse.Namespace) -> Size:
     """``size`` with --train-steps, --sample-steps and every --size-set FIELD=VALUE applied (typed like the field)."""
     fields = dict(size.__dict__)
@@ -767,6 +793,10 @@ def main(argv: list[str] | None = None) -> int:
         "--stage", choices=("model", "plus", "all"), default="all",
         help="model: train the undefended model and report its regime (CFG scales) only; plus: train the "
         "combined system's IET-AGC+ arm only (in a second process beside --stage model, on the same --out)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--skip-levers", action="store_true",
+        help="do not run the sampler-lever study (16 min on one core; a calibration run whose levers are known)",
     )  # fmt: skip
     ap.add_argument("--time-budget-s", type=float, help="stop this call after about this long (exit 3; rerun)")
     ap.add_argument("--publish", action="store_true", help="copy summary.json and plots to docs/results/")
@@ -826,26 +856,31 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "regime",
         lambda: regime(pipe, judge, caps, size.gens_per_prompt, size.sample_steps, args.out, mem_imgs),
     )
-    levers = cached(
-        args.out,
-        "regime-levers",
-        lambda: regime_levers(
-            pipe,
-            os.path.join(plain_run, "served"),
-            judge,
-            caps,
-            size.gens_per_prompt,
-            size.sample_steps,
+    levers = (
+        None
+        if args.skip_levers
+        else cached(
             args.out,
-            mem_imgs,
-        ),
+            "regime-levers",
+            lambda: regime_levers(
+                pipe,
+                os.path.join(plain_run, "served"),
+                judge,
+                caps,
+                size.gens_per_prompt,
+                size.sample_steps,
+                args.out,
+                mem_imgs,
+            ),
+        )
     )
     if args.stage == "model":
         summary = model_summary(args.size, size, plain_run, args.out, model_regime, levers, argv)
         write_json(os.path.join(args.out, MODEL_SUMMARY), summary)
-        console.print(f"wrote {args.out}/{MODEL_SUMMARY}, regime.png, regime-levers.png")
+        plots = "regime.png" + ("" if levers is None else ", regime-levers.png")
+        console.print(f"wrote {args.out}/{MODEL_SUMMARY}, {plots}")
         if args.publish:
-            publish(args.out, args.size, args.publish_name or "model", model_only=True)
+            publish(args.out, args.size, args.publish_name or "model", model_only=True, with_levers=levers is not None)
         return 0
     plus_run = None if args.skip_combined else train_arm(size, split, args.out, "iet-agc-plus", deadline)
 
@@ -980,6 +1015,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     summary = {
         "size": args.size,
         "guidance_scale": gs,
+        "total_steps": total_steps(plain_run),  # a warm start's (size.init_from) included
         "config": size.__dict__,
         "alignment_model": {"name": align.name, **{k: v for k, v in align.info.items() if isinstance(v, int | float)}},
         "copy_calibration": judge.calibration,
@@ -1004,7 +1040,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     open(os.path.join(args.out, "results.md"), "w").write(render(summary, "prss.png"))
     console.print(f"wrote {args.out}/summary.json, results.md, prss.png, memorized_prompts.png")
     if args.publish:
-        publish(args.out, args.size, args.publish_name)
+        publish(args.out, args.size, args.publish_name, with_levers=levers is not None)
     return 0
 
 
@@ -1042,10 +1078,11 @@ def model_summary(
     }
 
 
-def publish(out: str, size: str, name: str = "", model_only: bool = False) -> None:
+def publish(out: str, size: str, name: str = "", model_only: bool = False, with_levers: bool = True) -> None:
     """Copy summary.json and the plots to docs/results/bench-prss-SIZE[-NAME]* (BENCHMARKS.md is generated from them).
 
-    A model-stage summary (``model_only``) has no methods plot or sample grid to copy.
+    A model-stage summary (``model_only``) has no methods plot or sample grid to copy, and one
+    without the lever study (``with_levers`` false) no lever plot.
     """
     os.makedirs(RESULTS_DIR, exist_ok=True)
     stem = f"bench-prss-{size}" + (f"-{name}" if name else "")
@@ -1057,6 +1094,8 @@ def publish(out: str, size: str, name: str = "", model_only: bool = False) -> No
     if not model_only:
         files += [("prss.png", ".png"), ("memorized_prompts.png", "-memorized.png")]
     for src, suffix in files:
+        if src == "regime-levers.png" and not with_levers:
+            continue  # --skip-levers: not this call's study (OUT may hold an earlier call's plot)
         shutil.copyfile(os.path.join(out, src), os.path.join(RESULTS_DIR, stem + suffix))
     console.print(f"published docs/results/{stem}.json; now run python jobs/benchmarks_md.py")
 
@@ -1115,10 +1154,13 @@ def render(s: dict[str, Any], plot_path: str) -> str:
     base = s["methods"][0]
     c = s["config"]
     cal = s["copy_calibration"]
+    steps = f"{s.get('total_steps', c['train_steps']):,}"
+    if c.get("init_from"):
+        steps += f" ({c['train_steps']:,} of them continuing {c['init_from']})"
     lines = [
         f"Command: `{s['command']}`",
         "",
-        f"Model: `{c['preset']}` text-conditional UNet at {c['image_size']} px, {c['train_steps']} steps at batch "
+        f"Model: `{c['preset']}` text-conditional UNet at {c['image_size']} px, {steps} steps at batch "
         f"{c['batch_size']}, caption dropout {c['caption_dropout']}; {c['num_memorized']} memorized captions (each "
         f"image x{c['duplicates']}), {c['num_single']} seen once, {c['num_heldout']} held out; "
         f"{c['gens_per_prompt']} generations per memorized prompt, {c['sample_steps']}-step DDIM, "
@@ -1151,6 +1193,13 @@ def render(s: dict[str, Any], plot_path: str) -> str:
             f"{r['alignment'] / base['alignment'] - 1:+.1%} | "
             f"{r['triggered']:.0%} | x{r['time_ratio']:.2f} |"
         )
+    dom = dominance(s["methods"])
+    lines += [
+        "",
+        "Point by point on the privacy-alignment plot (lower copy mean and higher alignment wins): PRSS levels "
+        f"a baseline beats: {', '.join(dom['prss_dominated']) or 'none'}; baseline points a PRSS level beats: "
+        f"{', '.join(dom['baselines_dominated']) or 'none'}.",
+    ]
     lines += [
         "",
         "Levels are the share of memorized prompts to defend (thresholds from those prompts' own undefended "

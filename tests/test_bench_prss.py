@@ -76,6 +76,7 @@ def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path, monkeypatc
     assert job.main(["--size", "toy", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "summary.json").read_text())
     assert res["guidance_scale"] == job.SIZES["toy"].guidance_scale
+    assert res["total_steps"] == job.SIZES["toy"].train_steps  # no warm start: the size's own steps
     names = [r["name"] for r in res["methods"]]
     assert names[0] == "none" and len(names) == len(set(names))
     methods = {r["method"] for r in res["methods"]}
@@ -138,6 +139,13 @@ def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path, monkeypatc
     assert (tmp_path / "published" / "bench-prss-toy-cont-levers.png").exists()
     assert json.loads((tmp_path / "summary.json").read_text())["methods"] == again["methods"]
     assert "the toy size's undefended model, 32 steps" in job.render(model, "unused.png")
+    # without the lever study: no lever table, and no lever plot published (though OUT has an earlier one)
+    argv = ["--size", "toy", "--out", str(tmp_path), "--stage", "model", "--skip-levers", "--publish"]
+    assert job.main([*argv, "--publish-name", "bare"]) == 0
+    bare = json.loads((tmp_path / "published" / "bench-prss-toy-bare.json").read_text())
+    assert bare["regime_levers"] is None and bare["regime"] == res["regime"]
+    assert not (tmp_path / "published" / "bench-prss-toy-bare-levers.png").exists()
+    assert "Sampler levers" not in job.render(bare, "unused.png")
 
 
 def test_arm_configs_split_the_steps_and_carry_the_warm_start():
@@ -180,3 +188,27 @@ def test_a_model_stage_summary_renders_its_regime_tables():
     assert "a calibration run" in md and "| 7.5 | 10.0% | 50.0% |" in md
     assert "| 7.5 | guidance rescale 0.7 | 50.0% |" in md
     assert "Memorized prompts, same seeds" not in md
+
+
+def test_dominance_names_who_beats_whom_on_the_privacy_alignment_plot():
+    job = _job()
+
+    def pt(name, method, copy, align):
+        return {"name": name, "method": method, "copy_mean": copy, "alignment": align}
+
+    rows = [
+        pt("none", "none", 0.9, 0.30),
+        pt("prss 0.5", "prss", 0.70, 0.15),  # beats random_token 1 (more private and better aligned)
+        pt("prss 0.9", "prss", 0.65, 0.05),  # beaten by gaussian_noise 1.0
+        pt("random_token 1", "random_token", 0.75, 0.10),
+        pt("gaussian_noise 1.0", "gaussian_noise", 0.64, 0.06),
+        pt("wen 0.9", "wen", 0.88, 0.29),  # no PRSS point on its side of the plot: neither wins
+        pt("pr 0.9", "pr", 0.60, 0.01),  # PRSS's parts are not baselines
+    ]
+    dom = job.dominance(rows)
+    assert dom == {"prss_dominated": ["prss 0.9"], "baselines_dominated": ["random_token 1"]}
+    # equal on both axes is not a win
+    assert job.dominance([pt("p", "prss", 0.7, 0.1), pt("w", "wen", 0.7, 0.1)]) == {
+        "prss_dominated": [],
+        "baselines_dominated": [],
+    }
