@@ -744,21 +744,24 @@ def dominance(methods: list[dict[str, Any]]) -> dict[str, list[str]]:
     """Who beats whom on the privacy-alignment plot, point by point.
 
     A point dominates another when its copy similarity is no higher and its alignment no
-    lower, one of them strictly. ``prss_dominated``: PRSS levels some baseline point
+    lower, one of them strictly: the sweep's Pareto rule (:func:`memshard.sweep.pareto_mask`),
+    copy minimised and alignment maximised. ``prss_dominated``: PRSS levels some baseline point
     dominates (PRSS below the baselines' curve there); ``baselines_dominated``: baseline
     points some PRSS level dominates (PRSS above it). Both empty: the curves do not overlap
     or cross without either winning, which a reader sees in the plot.
     """
+    from memshard.sweep import pareto_mask
 
-    def beats(a: dict[str, Any], b: dict[str, Any]) -> bool:
-        no_worse = a["copy_mean"] <= b["copy_mean"] and a["alignment"] >= b["alignment"]
-        return no_worse and (a["copy_mean"] < b["copy_mean"] or a["alignment"] > b["alignment"])
+    def beaten(row: dict[str, Any], others: list[dict[str, Any]]) -> bool:
+        pts = [row, *others]
+        copy, align = np.array([r["copy_mean"] for r in pts]), np.array([r["alignment"] for r in pts])
+        return not pareto_mask(copy, -align)[0]
 
     prss = [r for r in methods if r["method"] == "prss"]
     base = [r for r in methods if r["method"] in BASELINE_METHODS]
     return {
-        "prss_dominated": [p["name"] for p in prss if any(beats(b, p) for b in base)],
-        "baselines_dominated": [b["name"] for b in base if any(beats(p, b) for p in prss)],
+        "prss_dominated": [p["name"] for p in prss if beaten(p, base)],
+        "baselines_dominated": [b["name"] for b in base if beaten(b, prss)],
     }
 
 
@@ -1086,16 +1089,12 @@ def publish(out: str, size: str, name: str = "", model_only: bool = False, with_
     """
     os.makedirs(RESULTS_DIR, exist_ok=True)
     stem = f"bench-prss-{size}" + (f"-{name}" if name else "")
-    files = [
-        (MODEL_SUMMARY if model_only else "summary.json", ".json"),
-        ("regime.png", "-regime.png"),
-        ("regime-levers.png", "-levers.png"),
-    ]
+    files = [(MODEL_SUMMARY if model_only else "summary.json", ".json"), ("regime.png", "-regime.png")]
+    if with_levers:  # else --skip-levers: OUT may hold an earlier call's lever plot, not this summary's
+        files.append(("regime-levers.png", "-levers.png"))
     if not model_only:
         files += [("prss.png", ".png"), ("memorized_prompts.png", "-memorized.png")]
     for src, suffix in files:
-        if src == "regime-levers.png" and not with_levers:
-            continue  # --skip-levers: not this call's study (OUT may hold an earlier call's plot)
         shutil.copyfile(os.path.join(out, src), os.path.join(RESULTS_DIR, stem + suffix))
     console.print(f"published docs/results/{stem}.json; now run python jobs/benchmarks_md.py")
 
