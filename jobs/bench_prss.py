@@ -8,7 +8,10 @@ samples from the same seeds:
 * ``none`` (undefended CFG), ``random_token`` (Somepalli et al.), ``gaussian_noise`` on the
   prompt embedding, ``wen`` (Wen et al. embedding optimisation);
 * ``pr`` (re-anchoring only), ``ss`` (semantic search only), ``prss`` at several privacy
-  levels (thresholds).
+  levels (thresholds);
+* ``prss-late`` and ``prss-restart``: PRSS at the same levels with detection at a later
+  step (the first-quarter step whose magnitude best separates memorized from held-out
+  calibration trajectories), guidance switched from there or the image sampled again.
 
 Reported per method: copy similarity (Inception pool3, max over the training set; mean, p95,
 fraction over the calibrated threshold), the pixel 1/3-rule memorized fraction, alignment
@@ -574,38 +577,76 @@ def detection(pipe: Any, mem: list[str], held: list[str], single: list[str], ste
     return det
 
 
-def calibrate(pipe: Any, mem: list[str], held: list[str], g: int, steps: int, gs: float) -> dict[str, Any]:
-    """Privacy levels from undefended trajectories of the memorized prompts (seeds 20000+, not the test seeds).
+def trajectory_magnitudes(
+    pipe: Any, mem: list[str], held: list[str], g: int, steps: int, gs: float
+) -> dict[str, np.ndarray]:
+    """m_t of every step of undefended trajectories: memorized prompts x ``g`` seeds (20000+), held-out x 1 (30000+).
+
+    Calibration seeds, not the test seeds. Arrays (trajectories, steps): ``mem``, ``held``.
+    """
+    from memshard.prss.calibration import reference_magnitudes
+
+    mp = [c for c in mem for _ in range(g)]
+    _, ms = reference_magnitudes(pipe, mp, list(range(20_000, 20_000 + len(mp))), steps, guidance_scale=gs)
+    _, hs = reference_magnitudes(pipe, held, list(range(30_000, 30_000 + len(held))), steps, guidance_scale=gs)
+    return {"mem": ms.reshape(len(mp), steps), "held": hs.reshape(len(held), steps)}
+
+
+def cached_arrays(out: str, name: str, make: Any) -> dict[str, np.ndarray]:
+    """OUT/NAME.npz if an earlier call wrote it, else ``make()`` written there (written whole, then renamed)."""
+    path = os.path.join(out, f"{name}.npz")
+    if not os.path.exists(path):
+        arrays = make()
+        np.savez(path + ".tmp.npz", **arrays)
+        os.replace(path + ".tmp.npz", path)
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def calibrate(mags: dict[str, np.ndarray], num_mem: int, g: int) -> dict[str, Any]:
+    """Privacy levels from undefended trajectories of the memorized prompts (:func:`trajectory_magnitudes`).
 
     Also the per-step distributions (10/50/90th percentiles of m_t at each step, memorized
     against held-out prompts) that show where along the trajectory the two differ.
     """
-    from memshard.prss.calibration import defended_level, reference_magnitudes
-    from memshard.prss.mitigations import auc
+    from memshard.prss.calibration import auc_by_step, defended_level
 
-    mp = [c for c in mem for _ in range(g)]
-    mf, ms = reference_magnitudes(pipe, mp, list(range(20_000, 20_000 + len(mp))), steps, guidance_scale=gs)
-    hf, hs = reference_magnitudes(pipe, held, list(range(30_000, 30_000 + len(held))), steps, guidance_scale=gs)
+    ms, hs = mags["mem"], mags["held"]
 
-    def curve(per_step: np.ndarray, n: int) -> dict[str, list[float]]:
-        m = per_step.reshape(n, steps)
+    def curve(m: np.ndarray) -> dict[str, list[float]]:
         return {f"p{q}": np.percentile(m, q, axis=0).round(4).tolist() for q in (10, 50, 90)}
 
     return {
-        "reference": f"{len(mem)} memorized captions x {g} seeds; {len(held)} held-out captions x 1 seed",
-        "levels": [defended_level(mf, ms, d, hf) for d in DEFEND_LEVELS],
+        "reference": f"{num_mem} memorized captions x {g} seeds; {len(hs)} held-out captions x 1 seed",
+        "levels": [defended_level(ms[:, 0], ms.ravel(), d, hs[:, 0]) for d in DEFEND_LEVELS],
         "first_step": {
-            "memorized": np.percentile(mf, (10, 50, 90)).round(4).tolist(),
-            "heldout": np.percentile(hf, (10, 50, 90)).round(4).tolist(),
+            "memorized": np.percentile(ms[:, 0], (10, 50, 90)).round(4).tolist(),
+            "heldout": np.percentile(hs[:, 0], (10, 50, 90)).round(4).tolist(),
         },
-        "per_step": {"memorized": curve(ms, len(mp)), "heldout": curve(hs, len(held))},
-        # a detector that reads m_t at step k instead of the first step: memorized trajectories
-        # against held-out ones (one trajectory per seed, not averaged per prompt)
-        "auc_by_step": [
-            round(auc(a, b), 4)
-            for a, b in zip(ms.reshape(len(mp), steps).T, hs.reshape(len(held), steps).T, strict=True)
-        ],
+        "per_step": {"memorized": curve(ms), "heldout": curve(hs)},
+        # a detector that reads m_t at step k instead of the first step
+        "auc_by_step": auc_by_step(ms, hs),
     }
+
+
+def late_calibration(mags: dict[str, np.ndarray], levels: list[dict[str, Any]]) -> dict[str, Any]:
+    """Detection at a later step: the step of best AUC within the first quarter of the trajectory.
+
+    Chosen on calibration seeds by the rule ``memshard calibrate-prss`` applies
+    (:func:`memshard.prss.calibration.detection_step`). Each level keeps its first-step level's
+    lambda_pr and tau (re-anchoring unchanged) and takes lambda_ss from the memorized
+    trajectories' m_t at that step, so ``prss-late d`` differs from ``prss d`` in the trigger alone.
+    """
+    from memshard.prss.calibration import DETECT_WINDOW, defended_level, detection_step
+
+    ms, hs = mags["mem"], mags["held"]
+    k, by_step = detection_step(ms, hs)
+    window = max(1, int(len(by_step) * DETECT_WINDOW))
+    out = []
+    for lv in levels:
+        at_k = defended_level(ms[:, k - 1], ms.ravel(), lv["defend"], hs[:, k - 1])
+        out.append({**at_k, "lambda_pr": lv["lambda_pr"], "tau": lv["tau"]})
+    return {"detect_step": k, "window": window, "auc": by_step[k - 1], "levels": out}
 
 
 def candidate_providers(split: dict[str, Any], mem_caps: list[str]) -> dict[str, Any]:
@@ -640,8 +681,15 @@ def thresholds(lv: dict[str, Any]) -> dict[str, float]:
     return {k: lv[k] for k in ("lambda_ss", "lambda_pr", "tau")}
 
 
-def method_arms(levels: list[dict[str, Any]], mid: dict[str, Any]) -> list[tuple[str, str, Any, dict[str, Any]]]:
-    """(name, method, level, sampler kwargs) of every arm, in the order they run (``none`` first)."""
+def method_arms(
+    levels: list[dict[str, Any]], mid: dict[str, Any], late: dict[str, Any] | None = None
+) -> list[tuple[str, str, Any, dict[str, Any]]]:
+    """(name, method, level, sampler kwargs) of every arm, in the order they run (``none`` first).
+
+    With ``late`` (:func:`late_calibration`), PRSS at every level with detection at its step, guidance
+    switched from there (prss-late) or the image sampled again from x_T (prss-restart); new arms go
+    last, so a cached run computes only them.
+    """
     by = {lv["defend"]: lv for lv in levels}
     arms: list[tuple[str, str, Any, dict[str, Any]]] = [("none", "none", None, {"prss": False})]
     arms += [(f"random_token {k}", "random_token", k, {"mitigation": "random_token", "mitigation_params": {"k": k}})
@@ -674,6 +722,12 @@ def method_arms(levels: list[dict[str, Any]], mid: dict[str, Any]) -> list[tuple
     ]
     few = {"candidates": DEFAULT_PROVIDER, "num_candidates": FEW_CANDIDATES, **thresholds(mid)}
     arms.append((f"prss-k{FEW_CANDIDATES} {MID_LEVEL}", f"prss-k{FEW_CANDIDATES}", MID_LEVEL, few))
+    for method, restart in (("prss-late", False), ("prss-restart", True)):
+        arms += [
+            (f"{method} {lv['defend']}", method, lv["defend"],
+             {"candidates": DEFAULT_PROVIDER, **thresholds(lv), "detect_step": late["detect_step"], "restart": restart})
+            for lv in (late["levels"] if late else [])
+        ]  # fmt: skip
     return arms
 
 
@@ -698,7 +752,7 @@ def targets(
     base = results[0]
     ok = [
         r for r in results
-        if r["method"] == "prss" and r["alignment"] >= 0.95 * base["alignment"]
+        if r["method"] in PRSS_METHODS and r["alignment"] >= 0.95 * base["alignment"]
     ]  # fmt: skip
     best = min(ok, key=lambda r: (r["copy_over"], r["memorized_fraction"], r["copy_mean"]), default=None)
     keys = ("copy_mean", "copy_over", "memorized_fraction", "alignment")
@@ -738,9 +792,10 @@ def targets(
 
 
 BASELINE_METHODS = ("random_token", "gaussian_noise", "wen")
+PRSS_METHODS = ("prss", "prss-late", "prss-restart")  # PRSS at every level: the spec's trigger, then later ones
 
 
-def dominance(methods: list[dict[str, Any]]) -> dict[str, list[str]]:
+def dominance(methods: list[dict[str, Any]], family: str = "prss") -> dict[str, list[str]]:
     """Who beats whom on the privacy-alignment plot, point by point.
 
     A point dominates another when its copy similarity is no higher and its alignment no
@@ -748,7 +803,8 @@ def dominance(methods: list[dict[str, Any]]) -> dict[str, list[str]]:
     copy minimised and alignment maximised. ``prss_dominated``: PRSS levels some baseline point
     dominates (PRSS below the baselines' curve there); ``baselines_dominated``: baseline
     points some PRSS level dominates (PRSS above it). Both empty: the curves do not overlap
-    or cross without either winning, which a reader sees in the plot.
+    or cross without either winning, which a reader sees in the plot. ``family``: which PRSS
+    curve (``prss``, or a variant of PRSS_METHODS).
     """
     from memshard.sweep import pareto_mask
 
@@ -757,7 +813,7 @@ def dominance(methods: list[dict[str, Any]]) -> dict[str, list[str]]:
         copy, align = np.array([r["copy_mean"] for r in pts]), np.array([r["alignment"] for r in pts])
         return not pareto_mask(copy, -align)[0]
 
-    prss = [r for r in methods if r["method"] == "prss"]
+    prss = [r for r in methods if r["method"] == family]
     base = [r for r in methods if r["method"] in BASELINE_METHODS]
     return {
         "prss_dominated": [p["name"] for p in prss if beaten(p, base)],
@@ -902,11 +958,15 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     # ---- privacy levels from the memorized prompts' own trajectories (calibration seeds, not the test seeds)
     # caches of everything that depends on the CFG scale carry it in their name (a rerun at another scale)
     tag = f"cfg{gs:g}-steps{steps}"
-    cal = cached(args.out, f"calibration-{tag}", lambda: calibrate(pipe, mem_caps, held_caps, g, steps, gs))
+    mags = cached_arrays(
+        args.out, f"magnitudes-{tag}", lambda: trajectory_magnitudes(pipe, mem_caps, held_caps, g, steps, gs)
+    )
+    cal = cached(args.out, f"calibration-{tag}", lambda: calibrate(mags, len(mem_caps), g))
     levels = cal["levels"]
     mid = next(lv for lv in levels if lv["defend"] == MID_LEVEL)
+    late = late_calibration(mags, levels)
     providers = candidate_providers(split, mem_caps)
-    arms = method_arms(levels, mid)
+    arms = method_arms(levels, mid, late)
     results: list[dict[str, Any]] = []
     grids: dict[str, np.ndarray] = {}
     base_secs = None
@@ -942,8 +1002,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     # ---- untriggered cost: held-out prompts under PRSS (mid level) vs plain CFG
     mid_kw = {**thresholds(mid), "candidates": providers[DEFAULT_PROVIDER]}
 
-    def untriggered_cost() -> dict[str, Any]:
-        gen_p, rep_hp, t_prss_h = generate(pipe, h_prompts, h_seeds, steps, gs, **mid_kw)
+    def untriggered_cost(kw: dict[str, Any], alone: bool = True) -> dict[str, Any]:
+        gen_p, rep_hp, t_prss_h = generate(pipe, h_prompts, h_seeds, steps, gs, **kw)
         gen_0, _, t_plain_h = generate(pipe, h_prompts, h_seeds, steps, gs, prss=False)
         untrig = [i for i, r in enumerate(rep_hp) if not r["triggered"]]
         res = {
@@ -952,14 +1012,20 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             "time_ratio": t_prss_h / t_plain_h,
             "untriggered_equal": bool(all(np.array_equal(gen_p[i], gen_0[i]) for i in untrig)),
         }
-        if untrig:  # the untriggered images alone, sampled as a batch of their own: the x1.00 claim
+        if untrig and alone:  # the untriggered images alone, sampled as a batch of their own: the x1.00 claim
             only, seeds_u = [h_prompts[i] for i in untrig][:64], [h_seeds[i] for i in untrig][:64]
-            _, _, t_u_prss = generate(pipe, only, seeds_u, steps, gs, **mid_kw)
+            _, _, t_u_prss = generate(pipe, only, seeds_u, steps, gs, **kw)
             _, _, t_u_plain = generate(pipe, only, seeds_u, steps, gs, prss=False)
             res["untriggered_time_ratio"] = t_u_prss / t_u_plain
         return res
 
-    untriggered = cached(args.out, f"untriggered-{tag}", untriggered_cost)
+    untriggered = cached(args.out, f"untriggered-{tag}", lambda: untriggered_cost(mid_kw))
+    # the same held-out prompts (test seeds) with detection at the later step: the false triggers it spares
+    late_mid = next(lv for lv in late["levels"] if lv["defend"] == MID_LEVEL)
+    late_kw = {**thresholds(late_mid), "candidates": providers[DEFAULT_PROVIDER], "detect_step": late["detect_step"]}
+    late["untriggered"] = cached(
+        args.out, f"untriggered-late-{tag}", lambda: {**untriggered_cost(late_kw, alone=False), "kind": "prss-late"}
+    )
 
     def triggered_cost() -> dict[str, Any]:
         """The memorized generations PRSS triggers on (mid level), sampled as batches of their own:
@@ -997,9 +1063,16 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     combined = None
     if plus_run is not None:
         pipe2 = on_device(load_served_t2i(os.path.join(plus_run, "served")))
-        cal2 = cached(
-            args.out, f"calibration-iet-agc-plus-{tag}", lambda: calibrate(pipe2, mem_caps, held_caps, g, steps, gs)
-        )
+
+        def calibrate_plus() -> dict[str, Any]:
+            mags2 = cached_arrays(
+                args.out,
+                f"magnitudes-iet-agc-plus-{tag}",
+                lambda: trajectory_magnitudes(pipe2, mem_caps, held_caps, g, steps, gs),
+            )
+            return calibrate(mags2, len(mem_caps), g)
+
+        cal2 = cached(args.out, f"calibration-iet-agc-plus-{tag}", calibrate_plus)
 
         def defended_model() -> dict[str, Any]:
             gen_a, _, _ = generate(pipe2, m_prompts, m_seeds, steps, gs, prss=False)
@@ -1028,6 +1101,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "detection": det,
         "calibration": cal,
         "levels": levels,
+        "late_detection": late,
         "default_provider": DEFAULT_PROVIDER,
         "methods": results,
         "untriggered": untriggered,
@@ -1192,13 +1266,14 @@ def render(s: dict[str, Any], plot_path: str) -> str:
             f"{r['alignment'] / base['alignment'] - 1:+.1%} | "
             f"{r['triggered']:.0%} | x{r['time_ratio']:.2f} |"
         )
-    dom = dominance(s["methods"])
-    lines += [
-        "",
-        "Point by point on the privacy-alignment plot (lower copy mean and higher alignment wins): PRSS levels "
-        f"a baseline beats: {', '.join(dom['prss_dominated']) or 'none'}; baseline points a PRSS level beats: "
-        f"{', '.join(dom['baselines_dominated']) or 'none'}.",
-    ]
+    for fam in [m for m in PRSS_METHODS if any(r["method"] == m for r in s["methods"])]:
+        dom = dominance(s["methods"], fam)
+        lines += [
+            "",
+            f"Point by point on the privacy-alignment plot (lower copy mean and higher alignment wins): {fam} "
+            f"levels a baseline beats: {', '.join(dom['prss_dominated']) or 'none'}; baseline points a {fam} "
+            f"level beats: {', '.join(dom['baselines_dominated']) or 'none'}.",
+        ]
     lines += [
         "",
         "Levels are the share of memorized prompts to defend (thresholds from those prompts' own undefended "
@@ -1234,6 +1309,32 @@ def render(s: dict[str, Any], plot_path: str) -> str:
             f"{by_step[0]:.3f} at step 1, {by_step[len(by_step) // 2]:.3f} at step {len(by_step) // 2 + 1}, best "
             f"{by_step[k]:.3f} at step {k + 1} of {len(by_step)}.",
         ]
+    late = s.get("late_detection")
+    if late and any(r["method"] in PRSS_METHODS[1:] for r in s["methods"]):
+        lines += [
+            "",
+            f"Detection at step {late['detect_step']} (the best AUC, {late['auc']:.3f}, among the first "
+            f"{late['window']} steps on calibration seeds): prss-late switches to PRSS guidance from that step, "
+            "prss-restart samples a triggered image again from x_T with the prompt chosen there. Its levels keep "
+            "lambda_pr and tau:",
+            "",
+            "| level | lambda_ss at that step | memorized prompts triggered (calibration) | held-out triggered |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {lv['defend']} | {lv['lambda_ss']:.3f} | {lv['memorized_triggered']:.0%} | "
+            f"{lv.get('heldout_triggered', float('nan')):.0%} |"
+            for lv in late["levels"]
+        ]
+        lu = late.get("untriggered")
+        if lu:
+            lines += [
+                "",
+                f"Held-out prompts on the test seeds at level {lu['level']}: {lu['triggered_fraction']:.1%} triggered "
+                f"with detection at step {late['detect_step']}, "
+                f"{s['untriggered']['triggered_fraction']:.1%} at step 1; "
+                f"untriggered images bit-identical to plain CFG: {lu['untriggered_equal']}.",
+            ]
     u = s["untriggered"]
     lines += [
         "",

@@ -219,7 +219,8 @@ def _is_t2i(run: str) -> bool:
 
 PRSS_FLAGS = {"enabled": "--prss", "lambda_ss": "--lambda-ss", "lambda_pr": "--lambda-pr", "tau": "--tau",
               "mode": "--prss-mode", "guidance_scale": "--guidance-scale", "candidates": "--candidates",
-              "bank": "--bank", "num_candidates": "--num-candidates"}  # fmt: skip
+              "bank": "--bank", "num_candidates": "--num-candidates", "detect_step": "--detect-step",
+              "restart": "--restart"}  # fmt: skip
 # options of text-to-image sampling, by argparse dest: refused on other runs rather than ignored
 T2I_ONLY = {"prompt": "--prompt", "prompts_file": "--prompts-file", "prss": "--prss/--no-prss",
             **{k: v for k, v in PRSS_FLAGS.items() if k != "enabled"}, "mitigation": "--mitigation"}  # fmt: skip
@@ -243,7 +244,7 @@ def _prss_error(exc: ValidationError, base: PRSSConfig) -> str:
 def cmd_sample_t2i(args: argparse.Namespace) -> int:
     from memshard.config import build_config
     from memshard.io.rundir import RunDir
-    from memshard.prss.calibration import load_calibration
+    from memshard.prss.calibration import calibrated_detect_step, load_calibration
     from memshard.prss.sample import SampleRequest, read_prompts, sample_run
 
     manifest = RunDir(args.run).manifest()
@@ -252,8 +253,12 @@ def cmd_sample_t2i(args: argparse.Namespace) -> int:
         prss = PRSSConfig()
     calibration = load_calibration(args.run)
     if calibration is not None and all(v is None for v in (args.lambda_ss, args.lambda_pr, args.tau)):
-        # thresholds calibrated on this model (memshard calibrate-prss) beat the spec's SD-scale defaults
-        prss = prss.model_copy(update={k: calibration[k] for k in ("lambda_ss", "lambda_pr", "tau")})
+        # thresholds calibrated on this model (memshard calibrate-prss) beat the spec's SD-scale defaults;
+        # lambda_ss is on the scale of the step it was calibrated at, so that step comes with it
+        prss = prss.model_copy(
+            update={**{k: calibration[k] for k in ("lambda_ss", "lambda_pr", "tau")},
+                    "detect_step": calibrated_detect_step(calibration, args.steps)}
+        )  # fmt: skip
     updates = {
         "enabled": args.prss,
         "lambda_ss": args.lambda_ss,
@@ -264,11 +269,15 @@ def cmd_sample_t2i(args: argparse.Namespace) -> int:
         "candidates": args.candidates,
         "bank": args.bank,
         "num_candidates": args.num_candidates,
+        "detect_step": args.detect_step,
+        "restart": args.restart,
     }
     try:
         prss = prss.model_validate({**prss.model_dump(), **{k: v for k, v in updates.items() if v is not None}})
     except ValidationError as exc:
         raise ConfigError(f"PRSS options: {_prss_error(exc, prss)}") from None
+    if prss.enabled and prss.detect_step > args.steps:
+        raise ConfigError(f"--detect-step {prss.detect_step}: past the last of --steps {args.steps}")
     out = writable(args.out or "samples", directory=True)
     prompts, cand_lists = list(args.prompt or []), None
     if args.prompts_file:
@@ -344,9 +353,12 @@ def cmd_calibrate_prss(args: argparse.Namespace) -> int:
     for flag, v in (("--defend", args.defend), ("--quantile", args.quantile)):
         if v is not None and not 0 < v < 1:
             raise ConfigError(f"{flag} {v:g}: a privacy level is a share, strictly between 0 and 1")
+    if args.detect_step is not None and args.detect_step > args.steps:
+        raise ConfigError(f"--detect-step {args.detect_step}: past the last of --steps {args.steps}")
     out = calibrate_run(
-        args.run, q=args.quantile, defend=args.defend, num_prompts=args.num_prompts, steps=args.steps, seed=args.seed
-    )
+        args.run, q=args.quantile, defend=args.defend, num_prompts=args.num_prompts, steps=args.steps, seed=args.seed,
+        detect_step=args.detect_step,
+    )  # fmt: skip
     if "defend" in out:
         what = (
             f"defend {out['defend']:.0%} of the duplicated captions ({out['memorized_triggered']:.0%} of them trigger"
@@ -357,7 +369,9 @@ def cmd_calibrate_prss(args: argparse.Namespace) -> int:
         what = f"quantile q={out['q']}"
     print(
         f"privacy level: {what}: lambda_ss={out['lambda_ss']:.4g} lambda_pr={out['lambda_pr']:.4g} "
-        f"tau={out['tau']:.4g} (from {out['reference']}); written to {args.run}/prss/calibration.json, "
+        f"tau={out['tau']:.4g}, detection at step {out['detect_step']} of {out['steps']}"
+        + (f" (AUC {out['detect_auc']:.3f}; step 1: {out['auc_by_step'][0]:.3f})" if "detect_auc" in out else "")
+        + f" (from {out['reference']}); written to {args.run}/prss/calibration.json, "
         "used by `memshard sample` unless thresholds are given"
     )
     return 0
@@ -593,6 +607,14 @@ def build_parser() -> argparse.ArgumentParser:
     t2i.add_argument("--bank", help="prompt bank file for --candidates bank")
     t2i.add_argument("--num-candidates", type=POSITIVE, help="prompts scored per triggered prompt")
     t2i.add_argument(
+        "--detect-step", type=POSITIVE, help="sampling step whose magnitude triggers PRSS (default: the calibration's, "
+        "else the run's, 1 = the spec's first step)",
+    )  # fmt: skip
+    t2i.add_argument(
+        "--restart", action=argparse.BooleanOptionalAction, default=None,
+        help="on a trigger after step 1, sample the image again from its noise with the chosen prompt",
+    )  # fmt: skip
+    t2i.add_argument(
         "--mitigation",
         choices=MITIGATION_NAMES,
         help="a baseline instead of PRSS",
@@ -711,6 +733,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--num-prompts", type=POSITIVE, default=64, help="training captions sampled for the reference")
     cal.add_argument("--steps", type=POSITIVE, default=50, help="sampling steps of the reference trajectories")
     cal.add_argument("--seed", type=NON_NEGATIVE, default=0, help="which captions and noise")
+    cal.add_argument(
+        "--detect-step", type=POSITIVE, help="the step whose magnitude triggers (default: the first-quarter step that "
+        "best separates duplicated from once-seen captions; 1 without both)",
+    )  # fmt: skip
     cal.set_defaults(func=cmd_calibrate_prss)
 
     e = sub.add_parser("evaluate", help="memorization, copy similarity, FID (and class alignment) of a run")

@@ -158,6 +158,18 @@ class PRSSConfig(_Section):
     bank: str | None = Field(
         None, description="Prompt bank: a text file (one prompt a line) or a Parquet file with a `prompt` column."
     )
+    detect_step: int = Field(
+        1,
+        ge=1,
+        description="Sampling step (from 1) whose m(ep) triggers PRSS; candidates are scored on that step's "
+        "state. 1 is the spec (the first step); later steps detect better where the first-step magnitude does "
+        "not separate memorized prompts (BENCHMARKS.md, PRSS).",
+    )
+    restart: bool = Field(
+        False,
+        description="With detect_step > 1: sample a triggered image again from x_T with the chosen prompt "
+        "(costs detect_step - 1 extra steps) instead of switching guidance from the detection step on.",
+    )
 
     @model_validator(mode="after")
     def _thresholds(self) -> PRSSConfig:

@@ -2,8 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
 
+from memshard.prss.calibration import DETECT_WINDOW
 from tests.conftest import load_job
 
 
@@ -82,6 +84,10 @@ def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path, monkeypatc
     methods = {r["method"] for r in res["methods"]}
     assert {"random_token", "gaussian_noise", "wen", "pr", "ss", "prss", "prss-perturb", "prss-list"} <= methods
     assert f"prss-k{job.FEW_CANDIDATES}" in methods
+    late = res["late_detection"]  # detection at a later step: a step of the first quarter, every level twice
+    assert 1 <= late["detect_step"] <= late["window"] == max(1, int(job.SIZES["toy"].sample_steps * DETECT_WINDOW))
+    for fam in ("prss-late", "prss-restart"):
+        assert [r["level"] for r in res["methods"] if r["method"] == fam] == list(job.DEFEND_LEVELS)
     for r in res["methods"]:  # the contract of summary.json: these keys for every method and level
         for key in ("copy_mean", "copy_p95", "memorized_fraction", "alignment", "time_ratio", "triggered", "level"):
             assert key in r, (r["name"], key)
@@ -93,6 +99,7 @@ def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path, monkeypatc
     assert [r["triggered"] for r in prss] == sorted(r["triggered"] for r in prss)
     assert res["methods"][0]["triggered"] == 0.0 and res["methods"][0]["time_ratio"] == 1.0
     assert res["untriggered"]["untriggered_equal"] is True
+    assert late["untriggered"]["untriggered_equal"] is True and 0 <= late["untriggered"]["triggered_fraction"] <= 1
     alone = res["triggered_alone"]  # the memorized generations the mid level triggers on, timed by themselves
     assert 0 < alone["images"] <= 64 and alone["time_ratio"] > 0
     assert 0 <= alone["pr_steps"] <= job.SIZES["toy"].sample_steps
@@ -119,6 +126,7 @@ def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path, monkeypatc
     assert "time" in res["targets"]
     md = (tmp_path / "results.md").read_text()
     assert "| prss | 0.9 |" in md and "Detection" in md and "Combined system" in md and "Regime" in md
+    assert "| prss-restart | 0.9 |" in md and f"Detection at step {late['detect_step']}" in md
     assert "Sampler levers" in md and "copies** when" in md
     for f in ("prss.png", "memorized_prompts.png", "regime.png", "regime-levers.png"):
         assert (tmp_path / f).stat().st_size > 1000
@@ -212,3 +220,28 @@ def test_dominance_names_who_beats_whom_on_the_privacy_alignment_plot():
         "prss_dominated": [],
         "baselines_dominated": [],
     }
+
+
+def test_late_detection_picks_the_best_early_step_and_keeps_reanchoring_thresholds():
+    job = _job()
+    rng = np.random.default_rng(0)
+    steps = 20
+    mem, held = rng.normal(1.0, 0.1, (40, steps)), rng.normal(1.0, 0.1, (200, steps))
+    mem[:, 3] += 1.0  # step 4 separates memorized from held-out trajectories ...
+    mem[:, 15] += 5.0  # ... step 16 better still, but past the window (a restart would cost 15 steps)
+    mags = {"mem": mem, "held": held}
+    cal = job.calibrate(mags, 20, 2)
+    assert cal["auc_by_step"][15] == 1.0 and cal["auc_by_step"][3] > 0.99
+    late = job.late_calibration(mags, cal["levels"])
+    assert late["window"] == 5 and late["detect_step"] == 4 and late["auc"] == cal["auc_by_step"][3]
+    for first, lv in zip(cal["levels"], late["levels"], strict=True):
+        assert (lv["lambda_pr"], lv["tau"], lv["defend"]) == (first["lambda_pr"], first["tau"], first["defend"])
+        # lambda_ss on step 4's scale: it triggers on the share named, and on no held-out prompt
+        assert lv["memorized_triggered"] == pytest.approx(lv["defend"], abs=0.05)
+        assert lv["heldout_triggered"] == 0.0 and lv["lambda_ss"] > first["lambda_ss"]
+    arms = job.method_arms(cal["levels"], cal["levels"][2], late)
+    restart = [kw for name, method, _, kw in arms if method == "prss-restart"]
+    assert len(restart) == len(job.DEFEND_LEVELS) and all(kw["restart"] and kw["detect_step"] == 4 for kw in restart)
+    assert [a[0] for a in arms[: len(job.method_arms(cal["levels"], cal["levels"][2]))]] == [
+        a[0] for a in job.method_arms(cal["levels"], cal["levels"][2])
+    ]  # new arms come last: a cached run's arms keep their names and order

@@ -13,6 +13,7 @@ import functools
 import hashlib
 from collections.abc import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -275,6 +276,72 @@ def test_pr_mode_reanchors_on_the_first_candidate_without_search() -> None:
     assert rep[0]["chosen_magnitude"] == pytest.approx(60, abs=5)  # m_t of ess at x_T
     assert [r["pr_steps"] for r in rep] == [STEPS, 0, STEPS]
     assert calls == [6, 2] * STEPS  # no search call: the ess branch from step 1
+
+
+def test_detection_at_a_later_step_switches_guidance_from_there() -> None:
+    prompts = ["mem A", "safe B", "mem C"]
+    x_T = noise(3, seed=4)
+    x_off, rep_off, _ = run(prompts, x_T, PRSSOptions(enabled=False), record_steps=True)
+    late = PRSSOptions(lambda_ss=10.0, lambda_pr=20.0, tau=40.0, detect_step=3)
+    x, rep, calls = run(prompts, x_T, late)
+    assert [r["triggered"] for r in rep] == [True, False, True]
+    # the trigger statistic is m(ep) at step 3 of the undefended trajectory; magnitude stays the first step's
+    for r, r_off in zip(rep, rep_off, strict=True):
+        assert r["detect_magnitude"] == pytest.approx(r_off["m_steps"][2], rel=1e-5)
+        assert r["magnitude"] == r_off["magnitude"]
+    assert [r["chosen_prompt"] for r in rep] == ["a2", "safe B", "c2"]
+    assert [r["pr_steps"] for r in rep] == [0, 0, STEPS - 2]  # C re-anchors on steps 3 and 4 only
+    # steps 1-2 undefended, step 3 the same call + ONE search call, step 4 the call + the ess branch of A, C
+    assert calls == [6, 6, 6, 6, 6, 2]
+    assert torch.equal(x[1], x_off[1]) and not torch.allclose(x[0], x_off[0])
+    with pytest.raises(ValueError, match="detect_step"):
+        run(prompts, x_T, PRSSOptions(detect_step=STEPS + 1))
+    with pytest.raises(ValueError, match="detect_step"):
+        PRSSOptions(detect_step=0)
+
+
+@pytest.mark.parametrize("mode", ["prss", "ss"])
+def test_restart_samples_a_late_trigger_again_from_x_T(mode: str) -> None:
+    prompts = ["mem A", "safe B", "mem C"]
+    x_T = noise(3, seed=6)
+    x_off, _, _ = run(prompts, x_T, PRSSOptions(enabled=False))
+    opts = PRSSOptions(mode=mode, lambda_ss=10.0, lambda_pr=20.0, tau=40.0, detect_step=3, restart=True)
+    x, rep, calls = run(prompts, x_T, opts)
+    chosen = [r["chosen_prompt"] for r in rep]
+    assert chosen == ["a2", "safe B", "c2"] and [r["triggered"] for r in rep] == [True, False, True]
+    assert torch.equal(x[1], x_off[1])  # untriggered: still bitwise the undefended output
+    # the first pass stops at detection (3 steps + the search); the second is a whole guided trajectory
+    assert calls[:4] == [6, 6, 6, 6] and calls[4:] == [6, 2] * STEPS
+    # the triggered images are what guidance by the chosen prompt gives from x_T: re-anchoring on it
+    # from step 1 (pr with that single candidate), or for ss plain CFG with it
+    if mode == "prss":
+        ref, _, _ = run(prompts, x_T, PRSSOptions(mode="pr", lambda_ss=10.0, lambda_pr=20.0, tau=40.0),
+                        candidates=[[c] if c != p else [] for c, p in zip(chosen, prompts, strict=True)])  # fmt: skip
+    else:
+        ref, _, _ = run(chosen, x_T, PRSSOptions(enabled=False))
+    torch.testing.assert_close(x[[0, 2]], ref[[0, 2]], atol=1e-4, rtol=1e-4)
+    # nothing triggered: one undefended pass, no restart
+    x_safe, _, calls = run(["safe B"], x_T[1:2], opts)
+    x_safe_off, _, _ = run(["safe B"], x_T[1:2], PRSSOptions(enabled=False))
+    assert torch.equal(x_safe, x_safe_off) and calls == [2] * STEPS
+
+
+def test_detection_step_is_the_best_separating_early_step_and_scales_with_the_step_count() -> None:
+    from memshard.prss.calibration import calibrated_detect_step, detection_step, scale_detect_step
+
+    rng = np.random.default_rng(1)
+    mem, benign = rng.normal(1, 0.1, (30, 40)), rng.normal(1, 0.1, (60, 40))
+    mem[:, 0] -= 0.5  # step 1 separates them the wrong way round (the 20,000-step model's case)
+    mem[:, 6] += 0.3
+    mem[:, 30] += 1.0  # best of all, but a defence there comes too late: outside the first quarter
+    k, by_step = detection_step(mem, benign)
+    assert k == 7 and by_step[0] == 0.0 and by_step[30] == 1.0 and len(by_step) == 40
+    assert detection_step(mem, benign, window=1.0)[0] == 31
+    assert detection_step(benign[:30], benign[30:], window=0.01)[0] == 1  # a window of one step: step 1
+    assert [scale_detect_step(11, 50, n) for n in (50, 25, 100, 4, 1)] == [11, 6, 21, 2, 1]
+    assert scale_detect_step(1, 50, 10) == 1 and scale_detect_step(3, 3, 2) == 2
+    assert calibrated_detect_step({"detect_step": 11, "steps": 50}, 25) == 6
+    assert calibrated_detect_step({"lambda_ss": 1.0}, 25) == 1  # a calibration from before detection steps
 
 
 def test_provider_is_asked_only_for_triggered_prompts_and_capped() -> None:

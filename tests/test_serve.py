@@ -276,6 +276,13 @@ def test_floor_rule_and_prss_off_flag(t2i_run, tmp_path):
     assert (prss.lambda_ss, prss.lambda_pr, prss.tau) == (1.0, 3.0, 5.0) and set(sources.values()) == {"config"}
     with pytest.raises(ValueError, match="tau"):
         server_prss(str(bare), {"tau": 2.0})  # tau must stay above lambda_pr
+    assert prss.detect_step == 1
+    # a calibration's detection step comes with its lambda_ss (same scale), not with an operator's
+    (bare / "prss").mkdir()
+    (bare / "prss" / "calibration.json").write_text(json.dumps({**HIGH, "detect_step": 3, "steps": 6}))
+    assert server_prss(str(bare))[0].detect_step == 3
+    assert server_prss(str(bare), {"lambda_pr": 1e9})[0].detect_step == 3
+    assert server_prss(str(bare), {"lambda_ss": 2.0})[0].detect_step == 1
     # PRSS off only on a server that allows it; thresholds then play no part
     body = json.dumps({"prompt": "a red square", "prss": False}).encode()
     with pytest.raises(RequestError) as err:

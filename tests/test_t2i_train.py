@@ -264,6 +264,20 @@ def test_calibrate_prss_sets_the_thresholds_sample_uses(t2i_run, tmp_path):
     # a threshold on the command line wins over the calibration
     assert main(["sample", run, *args, "--steps", "3", "--lambda-ss", "1e9", "--out", str(tmp_path / "cli")]) == 0
     assert not any(r["triggered"] for r in _report(tmp_path / "cli" / "report.jsonl"))
+    # a later detection step: lambda_ss on that step's scale, and sample detects there (scaled to its steps)
+    cal_args = ["calibrate-prss", run, "--quantile", "0.5", "--num-prompts", "6", "--steps", "3"]
+    assert main([*cal_args, "--detect-step", "2"]) == 0
+    late = load_calibration(run)
+    assert late["detect_step"] == 2 and late["lambda_ss"] != cal["lambda_ss"]
+    for steps, step in (("3", 2), ("5", 3)):
+        assert main(["sample", run, *args, "--steps", steps, "--out", str(tmp_path / f"late{steps}")]) == 0
+        for rep in _report(tmp_path / f"late{steps}" / "report.jsonl"):
+            assert rep["detect_step"] == step
+            assert rep["triggered"] == (rep["detect_magnitude"] > late["lambda_ss"])
+    assert main([*cal_args, "--detect-step", "4"]) == 2  # past the last step: refused
+    assert main(["sample", run, *args, "--steps", "3", "--detect-step", "4", "--out", str(tmp_path / "x")]) == 2
+    assert main(cal_args) == 0  # the module's run keeps the first-step calibration
+    assert load_calibration(run)["detect_step"] == 1
     assert level([1.0, 2.0, 3.0], [4.0, 6.0], 0.5) == {"q": 0.5, "lambda_ss": 2.0, "lambda_pr": 5.0, "tau": 5.0 * 5 / 3}
     with pytest.raises(ValueError, match="quantile"):
         level([1.0], [1.0], 1.0)

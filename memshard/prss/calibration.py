@@ -86,7 +86,10 @@ def reference_magnitudes(
     batch_size: int = 32,
     guidance_scale: float = 7.5,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(first-step m per image, every per-step m) of ``prompts`` sampled undefended by ``pipe``."""
+    """(first-step m per image, every per-step m) of ``prompts`` sampled undefended by ``pipe``.
+
+    The per-step array is flat, image by image: ``reshape(len(prompts), steps)`` gives trajectories.
+    """
     from memshard.prss.sampler import PRSSOptions, sample
 
     first, per_step = [], []
@@ -127,6 +130,7 @@ def calibrate_run(
     guidance_scale: float | None = None,
     defend: float | None = None,
     seeds_per_prompt: int = 2,
+    detect_step: int | None = None,
 ) -> dict[str, Any]:
     """Calibrate a text-to-image run's thresholds on its own training captions; writes RUN/prss/calibration.json.
 
@@ -136,6 +140,12 @@ def calibrate_run(
     once-seen captions that would trigger reported as the cost. A training set without
     duplicated captions, or an explicit ``q``, falls back to the quantile level over
     ``num_prompts`` random training captions (about 1 - q of them trigger).
+
+    The trigger reads m at ``detect_step``; None (the default) picks it on the defended level:
+    the step of the first quarter where the duplicated captions' m_t best separates them from
+    the once-seen ones (:func:`detection_step`), 1 when there is nothing to compare. lambda_ss
+    is then calibrated on that step's magnitudes; ``memshard sample`` and the server apply the
+    step with the thresholds.
     """
     from memshard.data import load_captions
     from memshard.io.rundir import RunDir
@@ -156,6 +166,8 @@ def calibrate_run(
     def pick(pool: list[str]) -> list[str]:
         return [pool[i] for i in sorted(rng.choice(len(pool), min(num_prompts, len(pool)), replace=False))]
 
+    if detect_step is not None and not 1 <= detect_step <= steps:
+        raise ValueError(f"detect_step {detect_step} is not a step of {steps}-step sampling")
     by_share = q is None and (defend is not None or bool(dup))
     if by_share and not dup:  # before any model is loaded
         raise ValueError(
@@ -171,30 +183,46 @@ def calibrate_run(
             from memshard.config import build_config
 
             guidance_scale = build_config(manifest["config"]).prss.guidance_scale
+        detection: dict[str, Any] = {}
         if by_share:
             mem = [c for c in dup[:num_prompts] for _ in range(seeds_per_prompt)]
             first, per_step = reference_magnitudes(
                 pipe, mem, list(range(len(mem))), steps, guidance_scale=guidance_scale
             )
+            mem_steps = per_step.reshape(len(mem), steps)
             benign = pick(once) if once else []
-            held_first = (
-                reference_magnitudes(pipe, benign, list(range(len(benign))), steps, guidance_scale=guidance_scale)[0]
+            held_steps = (
+                reference_magnitudes(pipe, benign, list(range(len(benign))), steps, guidance_scale=guidance_scale)[
+                    1
+                ].reshape(len(benign), steps)
                 if benign
                 else None
             )
+            k = detect_step or 1
+            if held_steps is not None:
+                best, by_step = detection_step(mem_steps, held_steps)
+                k = detect_step or best
+                detection = {"detect_auc": by_step[k - 1], "auc_by_step": by_step}
             out = {
-                **defended_level(first, per_step, defend or DEFAULT_DEFEND, held_first),
+                **defended_level(
+                    mem_steps[:, k - 1], per_step, defend or DEFAULT_DEFEND,
+                    None if held_steps is None else held_steps[:, k - 1],
+                ),
                 "reference": f"{min(len(dup), num_prompts)} most duplicated training captions x {seeds_per_prompt} "
                 f"seeds; cost on {len(benign)} once-seen captions",
-            }
+            }  # fmt: skip
         else:
             chosen = pick(captions)
             first, per_step = reference_magnitudes(
                 pipe, chosen, list(range(len(chosen))), steps, guidance_scale=guidance_scale
             )
-            out = {**level(first, per_step, q or 0.95), "reference": f"{len(chosen)} training captions of the run"}
+            k = detect_step or 1
+            at_k = per_step.reshape(len(chosen), steps)[:, k - 1]
+            out = {**level(at_k, per_step, q or 0.95), "reference": f"{len(chosen)} training captions of the run"}
     out.update(
         {
+            "detect_step": k,
+            **detection,
             "steps": steps,
             "guidance_scale": guidance_scale,
             "first_step_quantiles": {str(p): float(np.quantile(first, p)) for p in (0.5, 0.9, 0.95, 0.99)},
@@ -211,3 +239,45 @@ def load_calibration(run: str) -> dict[str, Any] | None:
     if not store.exists("prss/calibration.json"):
         return None
     return json.loads(store.read_text("prss/calibration.json"))
+
+
+DETECT_WINDOW = 0.25  # a detection step is sought among the first quarter of the steps (a restart repeats them)
+
+
+def auc_by_step(mem_steps: np.ndarray, benign_steps: np.ndarray) -> list[float]:
+    """AUC of m_t at each step: memorized trajectories (rows) against benign ones, higher m = memorized."""
+    from memshard.prss.mitigations import auc
+
+    return [round(auc(a, b), 4) for a, b in zip(mem_steps.T, benign_steps.T, strict=True)]
+
+
+def detection_step(
+    mem_steps: np.ndarray, benign_steps: np.ndarray, window: float = DETECT_WINDOW
+) -> tuple[int, list[float]]:
+    """(step from 1, AUC by step): where m_t best separates memorized from benign trajectories.
+
+    Sought among the first ``window`` of the steps: the spec detects at step 1, where Wen et
+    al. find the signal on Stable Diffusion, but on a model that memorized by long training
+    the first-step magnitude can fail (BENCHMARKS.md, PRSS: AUC 0.41 at step 1, 0.86 at
+    step 11) while a few steps in it separates them; later steps would defend too late (or,
+    with a restart, cost too many repeated steps). Ties go to the earliest step.
+    """
+    by_step = auc_by_step(np.asarray(mem_steps), np.asarray(benign_steps))
+    n = max(1, int(len(by_step) * window))
+    return int(np.argmax(by_step[:n])) + 1, by_step
+
+
+def scale_detect_step(detect_step: int, from_steps: int, to_steps: int) -> int:
+    """The detection step calibrated for ``from_steps`` sampling steps, for a sampler of ``to_steps``.
+
+    Same share of the trajectory (so about the same noise level), clamped to [1, to_steps].
+    """
+    if from_steps == to_steps:
+        return min(detect_step, to_steps)
+    k = 1 + round((detect_step - 1) * to_steps / from_steps)
+    return max(1, min(to_steps, k))
+
+
+def calibrated_detect_step(calibration: dict[str, Any], steps: int) -> int:
+    """The detection step of a calibration (1 in files written before it had one), for ``steps``-step sampling."""
+    return scale_detect_step(int(calibration.get("detect_step", 1)), int(calibration.get("steps", steps)), steps)

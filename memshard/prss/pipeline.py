@@ -108,6 +108,8 @@ class PRSSMixin:
         prss_mode: str = "prss",
         candidates: Any = "perturb",
         num_candidates: int = 25,
+        detect_step: int = 1,
+        restart: bool = False,
         seeds: Sequence[int] | None = None,
         mitigation: str | None = None,
         mitigation_params: dict[str, Any] | None = None,
@@ -140,7 +142,8 @@ class PRSSMixin:
         else:
             opts = PRSSOptions(
                 enabled=prss, mode=prss_mode, guidance_scale=guidance_scale, lambda_ss=lambda_ss,
-                lambda_pr=lambda_pr, tau=tau, num_candidates=num_candidates,
+                lambda_pr=lambda_pr, tau=tau, num_candidates=num_candidates, detect_step=detect_step,
+                restart=restart,
             )  # fmt: skip
             provider = make_provider(candidates) if isinstance(candidates, str) else candidates
             x, report = sample(self.eps, self.encode_prompts, sched, prompts, x_T, num_inference_steps, opts, provider)

@@ -32,6 +32,13 @@ PRSS, per image (never per batch):
    the re-anchoring formula reads, is computed only for the images that step re-anchors
    (m_t > lambda_pr): 2 + (share re-anchored) branches per step instead of 3.
 
+Detection at a later step (``detect_step`` k > 1, beyond the spec): steps 1..k-1 are the
+undefended sampler's; m(ep) at step k triggers, candidates are scored on step k's state, and
+guidance switches from step k on; with ``restart`` a triggered batch is instead sampled again
+from x_T with those decisions fixed (k - 1 extra steps for a triggered image, none for an
+untriggered one, which stays bitwise the undefended output either way). Why: on a model whose
+first-step magnitude does not separate memorized prompts, a few steps in it does (BENCHMARKS.md).
+
 Mode ``pr`` re-anchors on the first candidate without scoring any: it isolates the effect of
 re-anchoring (the ablation of the paper), costs no search call, and the first candidate is
 the provider's best guess (bank: the most similar prompt; list: the caller's first choice).
@@ -40,6 +47,7 @@ With no candidate at all, ess = ep: re-anchoring then only weakens the guidance 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -79,6 +87,8 @@ class PRSSOptions:
     lambda_pr: float = _DEFAULTS.lambda_pr
     tau: float = _DEFAULTS.tau
     num_candidates: int = _DEFAULTS.num_candidates
+    detect_step: int = _DEFAULTS.detect_step
+    restart: bool = _DEFAULTS.restart
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -90,6 +100,8 @@ class PRSSOptions:
             raise ValueError(f"PRSS: {problem}")
         if self.num_candidates < 0:
             raise ValueError("num_candidates must be >= 0")
+        if self.detect_step < 1:
+            raise ValueError(f"detect_step counts sampling steps from 1, got {self.detect_step}")
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> PRSSOptions:
@@ -155,6 +167,19 @@ def _candidate_lists(
     return {i: [str(c) for c in raw[i] if str(c).strip() != prompts[i].strip()][:n] for i in rows}
 
 
+@dataclass
+class _Decision:
+    """What detection decided for a batch: triggered rows, anchored rows and their ess states.
+
+    A restart (``PRSSOptions.restart``) replays it from x_T: the second pass starts with these
+    decisions instead of detecting again.
+    """
+
+    trig: list[int]
+    anchored: list[int]
+    ess: TextCond | None
+
+
 @torch.no_grad()
 def sample(
     eps_fn: EpsFn,
@@ -176,30 +201,38 @@ def sample(
     states); ``prompts`` are then only used for reports and candidates. The final x is in
     model space (pixels or VAE latents): decoding is the caller's.
 
-    Report keys: prompt, magnitude (first-step m(ep)), triggered, chosen_prompt,
-    chosen_magnitude (m of the guiding prompt at x_T), pr_steps (steps with m_t > lambda_pr),
-    candidates_scored, candidate_magnitudes, mode; with ``record_steps`` also m_steps (m of
-    the prompt guiding the image, at each step).
+    Detection reads m(ep) at step ``options.detect_step`` (1, the spec's first step, by
+    default) of the undefended trajectory; candidates are scored on that step's state. From
+    there a triggered image is either guided by PRSS for the remaining steps, or, with
+    ``options.restart``, sampled again from x_T with the prompt chosen there (the images of
+    the first pass are discarded). Either way an untriggered image is bitwise the undefended
+    output.
+
+    Report keys: prompt, magnitude (first-step m(ep)), detect_magnitude (m(ep) at the detection
+    step: the trigger statistic), detect_step, triggered, chosen_prompt, chosen_magnitude (m of the guiding
+    prompt on the state where it was chosen; pr: where its branch was first computed), pr_steps
+    (steps with m_t > lambda_pr), candidates_scored, candidate_magnitudes, mode; with
+    ``record_steps`` also m_steps (m of the prompt guiding the image, at each step).
     """
     opt = options or PRSSOptions()
     prompts = [str(p) for p in prompts]
     n = len(prompts)
     if x_T.shape[0] != n:
         raise ValueError(f"x_T has {x_T.shape[0]} images for {n} prompts")
+    if opt.detect_step > steps:
+        raise ValueError(f"detect_step {opt.detect_step} is past the last of {steps} sampling steps")
     device = x_T.device
-    s = float(opt.guidance_scale)
-    sched = make_scheduler(scheduler_config, steps, device)
-
     uncond = uncond_batch(encode, n, device)
     ep = cond.to(device) if cond is not None else encode_batch(encode, prompts, device)
     if len(ep) != n:
         raise ValueError(f"cond has {len(ep)} rows for {n} prompts")
-    main_cond = TextCond.cat([uncond, ep])
 
     reports: list[dict[str, Any]] = [
         {
             "prompt": p,
             "magnitude": 0.0,
+            "detect_magnitude": 0.0,
+            "detect_step": opt.detect_step,
             "triggered": False,
             "chosen_prompt": p,
             "chosen_magnitude": 0.0,
@@ -211,16 +244,62 @@ def sample(
         }
         for p in prompts
     ]
+    run = functools.partial(
+        _trajectory, eps_fn, encode, opt, prompts, candidates, scheduler_config, steps, x_T, uncond, ep, reports,
+        record_steps,
+    )  # fmt: skip
+    restart = opt.enabled and opt.restart and opt.detect_step > 1
+    x, decision = run(None, restart)
+    if decision is not None:  # triggered after step 1 with restart: again from x_T, decisions fixed
+        for r in reports:
+            if record_steps:
+                r["m_steps"] = []
+        x, _ = run(decision, False)
+    return x, reports
+
+
+def _trajectory(
+    eps_fn: EpsFn,
+    encode: EncodeFn,
+    opt: PRSSOptions,
+    prompts: list[str],
+    candidates: Candidates | None,
+    scheduler_config: Mapping[str, Any],
+    steps: int,
+    x_T: torch.Tensor,
+    uncond: TextCond,
+    ep: TextCond,
+    reports: list[dict[str, Any]],
+    record_steps: bool,
+    preset: _Decision | None,
+    stop_on_trigger: bool,
+) -> tuple[torch.Tensor, _Decision | None]:
+    """One pass of the sampler from x_T; fills ``reports``.
+
+    ``preset``: decisions of an earlier pass (a restart), applied from step 1 without detecting.
+    ``stop_on_trigger``: return (x, decision) right after detection if anything triggered, for
+    the caller to restart; otherwise the decision returned is None.
+    """
+    n = len(prompts)
+    device = x_T.device
+    s = float(opt.guidance_scale)
+    sched = make_scheduler(scheduler_config, steps, device)
+    main_cond = TextCond.cat([uncond, ep])
+    detect_at = -1 if preset is not None else (opt.detect_step - 1 if opt.enabled else steps)
+    first_guided = 0 if preset is not None else detect_at  # the step whose ess branch is computed on its own
 
     trig: list[int] = []  # triggered rows
     anchored: list[int] = []  # triggered rows whose ess differs from ep (need their own branch)
     ess: TextCond | None = None  # states of ess for the rows in `anchored`, in that order
     chosen_full: TextCond | None = None  # ep with the `anchored` rows replaced (ss, all triggered)
+    if preset is not None:
+        trig, anchored, ess = preset.trig, preset.anchored, preset.ess
+        chosen_full = _chosen_full(ep, anchored, ess) if len(trig) == n else None
     x = x_T
     for i, t in enumerate(sched.timesteps):
         x_in = sched.scale_model_input(x, t)
         tt = _tt(t, n, device)
-        all_trig = len(trig) == n and i > 0
+        all_trig = len(trig) == n and i > first_guided
         eps_ss_rows: torch.Tensor | None = None
         if all_trig and opt.mode == "ss":
             # Nothing to preserve bitwise: one call with the guiding prompt of every image.
@@ -252,28 +331,28 @@ def sample(
             out = eps_fn(torch.cat([x_in, x_in]), torch.cat([tt, tt]), main_cond)
             eps_0, eps_p = out.chunk(2)
 
-        if i == 0:
+        if i == 0 and preset is None:
             m0 = magnitude(eps_p, eps_0).tolist()
             for r in range(n):
-                reports[r]["magnitude"] = reports[r]["chosen_magnitude"] = m0[r]
-            if opt.enabled:
-                trig = [r for r in range(n) if m0[r] > opt.lambda_ss]
-                for r in trig:
-                    reports[r]["triggered"] = True
-                if trig:
-                    anchored, ess, eps_ss_rows = _choose(
-                        eps_fn, encode, opt, prompts, candidates, trig, x_in, tt, eps_0, m0, reports
-                    )
-                    if len(trig) == n:
-                        chosen_full = ep
-                        if anchored:
-                            states, mask = ep.states.clone(), ep.mask.clone()
-                            a = torch.tensor(anchored, device=device, dtype=torch.long)
-                            states[a], mask[a] = ess.states, ess.mask  # type: ignore[union-attr]
-                            chosen_full = TextCond(states, mask)
+                reports[r]["magnitude"] = reports[r]["detect_magnitude"] = reports[r]["chosen_magnitude"] = m0[r]
+        if i == detect_at:
+            mk = magnitude(eps_p, eps_0).tolist()
+            for r in range(n):
+                reports[r]["detect_magnitude"] = reports[r]["chosen_magnitude"] = mk[r]
+            trig = [r for r in range(n) if mk[r] > opt.lambda_ss]
+            for r in trig:
+                reports[r]["triggered"] = True
+            if trig:
+                anchored, ess, eps_ss_rows = _choose(
+                    eps_fn, encode, opt, prompts, candidates, trig, x_in, tt, eps_0, mk, reports
+                )
+                if stop_on_trigger:
+                    return x, _Decision(trig, anchored, ess)
+                if len(trig) == n:
+                    chosen_full = _chosen_full(ep, anchored, ess)
 
         if anchored and eps_ss_rows is None:
-            # Mixed batch (or step 1 of mode pr): the ess branch of the triggered images, separately.
+            # Mixed batch (or the first guided step of mode pr): the ess branch of the triggered images.
             a = torch.tensor(anchored, device=device, dtype=torch.long)
             eps_ss_rows = eps_fn(x_in[a], tt[a], ess)  # type: ignore[arg-type]
 
@@ -288,11 +367,21 @@ def sample(
             eps = eps.clone()
             guided, m_t = _defended_eps(opt, trig, anchored, eps_0, eps_p, eps_ss_rows, reports, record_steps)
             eps[torch.tensor(trig, device=device)] = guided
-            if i == 0 and opt.mode == "pr":  # pr scores nothing: report ess's m at x_T from this step
+            if i == first_guided and opt.mode == "pr":  # pr scores nothing: report ess's m from this step
                 for r, v in zip(trig, m_t.tolist(), strict=True):
                     reports[r]["chosen_magnitude"] = v
         x = sched.step(eps, t, x, eta=0.0).prev_sample
-    return x, reports
+    return x, None
+
+
+def _chosen_full(ep: TextCond, anchored: list[int], ess: TextCond | None) -> TextCond:
+    """ep with the anchored rows replaced by their ess: the guiding prompt of every image."""
+    if not anchored:
+        return ep
+    states, mask = ep.states.clone(), ep.mask.clone()
+    a = torch.tensor(anchored, device=ep.states.device, dtype=torch.long)
+    states[a], mask[a] = ess.states, ess.mask  # type: ignore[union-attr]
+    return TextCond(states, mask)
 
 
 def _choose(

@@ -264,6 +264,7 @@ class MemshardServer:
 
     def _load_t2i(self, prss: dict[str, Any]) -> None:
         from memshard.io.storage import Storage
+        from memshard.prss.calibration import load_calibration
         from memshard.prss.pipeline import load_served_t2i
 
         self.prss = PRSSConfig.model_validate(prss)
@@ -285,6 +286,9 @@ class MemshardServer:
             self.bank = make_provider("bank", bank=self.prss.bank, embed=enc.embed)
         self.image_size = self.pipe._pixel_size()
         self.num_classes = None
+        # the step count the detection step was set for: a request with other steps detects at the same share
+        cal = load_calibration(self.run) if self.prss_sources.get("lambda_ss") == "calibration" else None
+        self.detect_ref_steps = int(cal.get("steps", self.limits.default_steps)) if cal else self.limits.default_steps
 
     def _load_ddpm(self) -> None:
         from memshard.models.sampling import load_served_unet
@@ -346,6 +350,8 @@ class MemshardServer:
                 "guidance_scale": self.prss.guidance_scale,
                 "candidates": self.prss.candidates,
                 "num_candidates": self.prss.num_candidates,
+                "detect_step": {"step": self.prss.detect_step, "of_steps": self.detect_ref_steps},
+                "restart": self.prss.restart,
                 "allow_no_prss": self.allow_no_prss,
             }
         else:
@@ -468,6 +474,7 @@ class MemshardServer:
         return outs
 
     def _t2i_call(self, jobs: list[Job], seeds: list[int]) -> tuple[Any, list[dict[str, Any]]]:
+        from memshard.prss.calibration import scale_detect_step
         from memshard.prss.candidates import PerturbProvider
 
         assert self.prss is not None
@@ -479,7 +486,8 @@ class MemshardServer:
             prompts, num_inference_steps=head.steps, guidance_scale=head.guidance_scale, output_type="pt",
             prss=head.prss, lambda_ss=th["lambda_ss"], lambda_pr=th["lambda_pr"], tau=th["tau"],
             prss_mode=self.prss.mode, candidates=_PerImageCandidates(prompts, providers, self.prss.num_candidates),
-            num_candidates=self.prss.num_candidates, seeds=seeds,
+            num_candidates=self.prss.num_candidates, seeds=seeds, restart=self.prss.restart,
+            detect_step=scale_detect_step(self.prss.detect_step, self.detect_ref_steps, head.steps),
         )  # fmt: skip
         return res.images, res.report
 

@@ -88,6 +88,9 @@ def server_prss(run: str, overrides: dict[str, float | None] | None = None) -> t
         if value is not None:
             values[key] = float(value)
             sources[key] = "server"
+    if calibration is not None and sources["lambda_ss"] == "calibration":
+        # lambda_ss is on the scale of the step it was calibrated at: that step comes with it
+        values["detect_step"] = int(calibration.get("detect_step", 1))
     try:
         prss = PRSSConfig.model_validate(values)
     except ValidationError as exc:
