@@ -543,11 +543,20 @@ def cached(out: str, name: str, make: Any) -> Any:
     return obj
 
 
-def detection(pipe: Any, mem: list[str], held: list[str], single: list[str], steps: int) -> dict[str, Any]:
+def detection(
+    pipe: Any,
+    mem: list[str],
+    held: list[str],
+    single: list[str],
+    steps: int,
+    at: str | int = "first",
+    gs: float = 7.5,
+) -> dict[str, Any]:
     """Wen et al.'s detector: the first-step magnitude averaged over 1 and 4 seeds per prompt.
 
     AUC and TPR at 1% FPR of memorized against held-out prompts (and, as a harder negative
-    set, against captions the model saw once).
+    set, against captions the model saw once). ``at`` = k: the magnitude at step k of the
+    undefended trajectory at CFG ``gs`` instead (the trigger of ``detect_step = k``).
     """
     from memshard.prss.mitigations import auc, detection_score, tpr_at_fpr
 
@@ -559,7 +568,14 @@ def detection(pipe: Any, mem: list[str], held: list[str], single: list[str], ste
             x = pipe.initial_noise(len(prompts[b : b + 32]), seeds[b : b + 32])
             out.append(
                 detection_score(
-                    pipe.eps, pipe.encode_prompts, dict(pipe.scheduler.config), prompts[b : b + 32], x, steps
+                    pipe.eps,
+                    pipe.encode_prompts,
+                    dict(pipe.scheduler.config),
+                    prompts[b : b + 32],
+                    x,
+                    steps,
+                    steps=at,
+                    guidance_scale=gs,
                 ).numpy()
             )
         return np.concatenate(out).reshape(len(caps), n).mean(1)
@@ -1023,6 +1039,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     # the same held-out prompts (test seeds) with detection at the later step: the false triggers it spares
     late_mid = next(lv for lv in late["levels"] if lv["defend"] == MID_LEVEL)
     late_kw = {**thresholds(late_mid), "candidates": providers[DEFAULT_PROVIDER], "detect_step": late["detect_step"]}
+    late["detection"] = cached(
+        args.out,
+        f"detection-late-{tag}",
+        lambda: detection(pipe, mem_caps, held_caps, single_caps[:64], steps, late["detect_step"], gs),
+    )
     late["untriggered"] = cached(
         args.out, f"untriggered-late-{tag}", lambda: {**untriggered_cost(late_kw, alone=False), "kind": "prss-late"}
     )
@@ -1289,9 +1310,12 @@ def render(s: dict[str, Any], plot_path: str) -> str:
         f"{lv['memorized_triggered']:.0%} | {lv.get('heldout_triggered', float('nan')):.0%} |"
         for lv in s["levels"]
     ]
+    late_det = (s.get("late_detection") or {}).get("detection")
     lines += [
         "",
-        "Detection (first-step magnitude, memorized against held-out prompts):",
+        "Detection (first-step magnitude, memorized against held-out prompts"
+        + ('; rows "at step k": the magnitude at the later detection step' if late_det else "")
+        + "):",
         "",
         "| generations per prompt | AUC | TPR at 1% FPR | AUC against once-seen captions |",
         "|---|---|---|---|",
@@ -1300,6 +1324,12 @@ def render(s: dict[str, Any], plot_path: str) -> str:
         f"| {n} | {d['auc']:.3f} | {d['tpr_at_1pct_fpr']:.1%} | {d['auc_vs_single']:.3f} |"
         for n, d in s["detection"].items()
     ]
+    if late_det:
+        lines += [
+            f"| {n} at step {s['late_detection']['detect_step']} | {d['auc']:.3f} | {d['tpr_at_1pct_fpr']:.1%} | "
+            f"{d['auc_vs_single']:.3f} |"
+            for n, d in late_det.items()
+        ]
     by_step = s["calibration"].get("auc_by_step")
     if by_step:
         k = int(np.argmax(by_step))

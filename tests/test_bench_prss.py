@@ -107,6 +107,7 @@ def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path, monkeypatc
     assert alone["time_ratio_few_candidates"] > 0 and alone["few_candidates"] == job.FEW_CANDIDATES
     for n in ("1", "4"):
         assert 0.0 <= res["detection"][n]["auc"] <= 1.0 and 0.0 <= res["detection"][n]["tpr_at_1pct_fpr"] <= 1.0
+        assert 0.0 <= late["detection"][n]["auc"] <= 1.0  # the same detector at the detection step
     assert [r["guidance_scale"] for r in res["regime"]] == list(job.REGIME_SCALES)
     # every lever at every high scale (the toy run keeps raw weights, so all of them run)
     assert [(r["guidance_scale"], r["lever"]) for r in res["regime_levers"]] == [

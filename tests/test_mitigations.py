@@ -145,6 +145,20 @@ def test_detection_scores() -> None:
     assert auc(first[:2], first[2:]) == 1.0 and tpr_at_fpr(mean[:2], mean[2:]) == 1.0
     with pytest.raises(ValueError, match="first"):
         detection_score(eps, toy_encode, SCHED, prompts, x_T, STEPS, steps="last")  # type: ignore[arg-type]
+    # a step number: m(ep) at that step of the undefended trajectory, the sampler's detect_magnitude
+    # (its own calls and arithmetic, stopped there), for a few steps' cost
+    _, rep = sample(eps, toy_encode, SCHED, prompts, x_T, STEPS, PRSSOptions(enabled=False, guidance_scale=3.0),
+                    record_steps=True)  # fmt: skip
+    for k in (1, 3, STEPS):
+        eps.calls.clear()
+        at_k = detection_score(eps, toy_encode, SCHED, prompts, x_T, STEPS, steps=k, guidance_scale=3.0)
+        assert at_k.tolist() == [r["m_steps"][k - 1] for r in rep] and eps.calls == [8] * k
+    _, rep = sample(eps, toy_encode, SCHED, prompts, x_T, STEPS, PRSSOptions(lambda_ss=1e9, detect_step=3))
+    assert detection_score(eps, toy_encode, SCHED, prompts, x_T, STEPS, steps=3).tolist() == [
+        r["detect_magnitude"] for r in rep
+    ]
+    with pytest.raises(ValueError, match="at_step"):
+        detection_score(eps, toy_encode, SCHED, prompts, x_T, STEPS, steps=STEPS + 1)
 
 
 def test_auc_and_tpr_at_fpr() -> None:

@@ -6,7 +6,7 @@ scale, so a threshold only means something relative to that model's distribution
 privacy level is therefore a quantile q of reference prompts' magnitudes:
 
 * lambda_ss = the q-quantile of their first-step magnitudes (so about 1 - q of such prompts
-  trigger),
+  trigger; magnitudes at the detection step when that is not the first, see below),
 * lambda_pr = the q-quantile of their per-step magnitudes along the undefended trajectory,
 * tau = lambda_pr * 5/3, the spec's tau / lambda_pr.
 
@@ -22,6 +22,12 @@ model owner has those prompts: the captions their training set holds many times.
 the default of ``memshard calibrate-prss RUN`` (``--defend 0.9``; ``--quantile`` for the
 first kind), which writes ``RUN/prss/calibration.json``; ``memshard sample`` uses it when
 no threshold is given on the command line.
+
+The detection step. lambda_ss is a threshold on m at the step that triggers, the first in
+the spec. :func:`detection_step` picks a later one where the first does not separate the
+duplicated captions from the once-seen ones; the calibration then states lambda_ss on that
+step's magnitudes and records the step (``detect_step``, for ``steps``-step sampling), and
+the sampler and the server apply the two together.
 """
 
 from __future__ import annotations
@@ -258,7 +264,7 @@ def detection_step(
 
     Sought among the first ``window`` of the steps: the spec detects at step 1, where Wen et
     al. find the signal on Stable Diffusion, but on a model that memorized by long training
-    the first-step magnitude can fail (BENCHMARKS.md, PRSS: AUC 0.41 at step 1, 0.86 at
+    the first-step magnitude can fail (BENCHMARKS.md, PRSS: AUC 0.45 at step 1, 0.86 at
     step 11) while a few steps in it separates them; later steps would defend too late (or,
     with a restart, cost too many repeated steps). Ties go to the earliest step.
     """

@@ -30,6 +30,7 @@ from memshard.prss.sampler import (
     first_step_magnitude,
     make_scheduler,
     sample,
+    step_magnitude,
     uncond_batch,
 )
 
@@ -240,19 +241,24 @@ def detection_score(
     prompts: Sequence[str],
     x_T: torch.Tensor,
     num_inference_steps: int = 50,
-    steps: Literal["first", "mean"] = "first",
+    steps: Literal["first", "mean"] | int = "first",
     guidance_scale: float = 7.5,
 ) -> torch.Tensor:
     """Wen et al.'s memorization score per image: m(ep) at the first step, or its mean over steps.
 
     ``first`` is one [e0, ep] UNet call -- the PRSS trigger statistic, equal to the sampler's
     reported ``magnitude``. ``mean`` follows the undefended CFG trajectory (the guidance
-    scale matters only there) and averages m(ep) over its steps, as Wen et al. do.
+    scale matters only there) and averages m(ep) over its steps, as Wen et al. do. An int k:
+    m(ep) at step k of that trajectory, the trigger statistic of ``detect_step = k``.
     """
     if steps == "first":
         return first_step_magnitude(eps_fn, encode, scheduler_config, prompts, x_T, num_inference_steps)
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        return step_magnitude(
+            eps_fn, encode, scheduler_config, prompts, x_T, num_inference_steps, steps, guidance_scale
+        )
     if steps != "mean":
-        raise ValueError(f"steps must be 'first' or 'mean', got {steps!r}")
+        raise ValueError(f"steps must be 'first', 'mean' or a step number, got {steps!r}")
     _, reports = sample(
         eps_fn, encode, scheduler_config, prompts, x_T, num_inference_steps,
         options=PRSSOptions(enabled=False, guidance_scale=guidance_scale), record_steps=True,

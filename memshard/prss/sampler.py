@@ -491,16 +491,42 @@ def first_step_magnitude(
     steps: int = 50,
     cond: TextCond | None = None,
 ) -> torch.Tensor:
-    """m(ep) at the sampler's first step and x_T, per image: the PRSS trigger statistic.
+    """m(ep) at the sampler's first step and x_T, per image: the PRSS trigger statistic (at detect_step 1).
 
     One [e0, ep] UNet call, the same one :func:`sample` makes at step 1, so it equals the
     reports' ``magnitude``.
     """
+    return step_magnitude(eps_fn, encode, scheduler_config, prompts, x_T, steps, 1, cond=cond)
+
+
+def step_magnitude(
+    eps_fn: EpsFn,
+    encode: EncodeFn,
+    scheduler_config: Mapping[str, Any],
+    prompts: Sequence[str],
+    x_T: torch.Tensor,
+    steps: int,
+    at_step: int,
+    guidance_scale: float = 7.5,
+    cond: TextCond | None = None,
+) -> torch.Tensor:
+    """m(ep) at step ``at_step`` (from 1) of the undefended CFG trajectory from x_T, per image.
+
+    The trigger statistic of ``detect_step = at_step`` (equal to the reports'
+    ``detect_magnitude``), at the cost of ``at_step`` steps rather than a whole trajectory: the
+    sampler's own calls and arithmetic, stopped there. The guidance scale matters from step 2.
+    """
+    if not 1 <= at_step <= steps:
+        raise ValueError(f"at_step {at_step} is not a step of {steps}-step sampling")
     device = x_T.device
     sched = make_scheduler(scheduler_config, steps, device)
     with torch.no_grad():
         uncond = uncond_batch(encode, len(prompts), device)
         ep = cond.to(device) if cond is not None else encode_batch(encode, [str(p) for p in prompts], device)
-        t = sched.timesteps[0]
-        eps_0, eps_p = first_step_eps(eps_fn, sched.scale_model_input(x_T, t), t, uncond, ep)
-    return magnitude(eps_p, eps_0)
+        x = x_T
+        for i, t in enumerate(sched.timesteps[:at_step]):
+            eps_0, eps_p = first_step_eps(eps_fn, sched.scale_model_input(x, t), t, uncond, ep)
+            if i == at_step - 1:
+                return magnitude(eps_p, eps_0)
+            x = sched.step(cfg_eps(eps_0, eps_p, float(guidance_scale)), t, x, eta=0.0).prev_sample
+    raise AssertionError("unreachable")

@@ -54,7 +54,9 @@ A request may send ``lambda_ss``, ``lambda_pr`` and ``tau``; each effective valu
 search, re-anchoring starts earlier and reaches full strength sooner), so a request can ask
 for more privacy but never for less; a clamped value is reported back in
 ``response["prss"]["clamped"]`` with what was asked. PRSS mode, candidate source and search
-size stay the server's.
+size stay the server's. So does the detection step: the calibration's, when its lambda_ss is
+in force (a threshold is on the scale of the step it was calibrated at), scaled to the
+request's step count (``/health`` shows it as ``detect_step``: step, of_steps).
 
 Batching
 --------
