@@ -296,6 +296,8 @@ def test_detection_at_a_later_step_switches_guidance_from_there() -> None:
     assert torch.equal(x[1], x_off[1]) and not torch.allclose(x[0], x_off[0])
     with pytest.raises(ValueError, match="detect_step"):
         run(prompts, x_T, PRSSOptions(detect_step=STEPS + 1))
+    x_off_late, _, _ = run(prompts, x_T, PRSSOptions(enabled=False, detect_step=STEPS + 1))  # off: nothing to place
+    assert torch.equal(x_off_late, x_off)
     with pytest.raises(ValueError, match="detect_step"):
         PRSSOptions(detect_step=0)
 

@@ -219,7 +219,7 @@ def sample(
     n = len(prompts)
     if x_T.shape[0] != n:
         raise ValueError(f"x_T has {x_T.shape[0]} images for {n} prompts")
-    if opt.detect_step > steps:
+    if opt.enabled and opt.detect_step > steps:  # (off: the undefended sampler, no detection to place)
         raise ValueError(f"detect_step {opt.detect_step} is past the last of {steps} sampling steps")
     device = x_T.device
     uncond = uncond_batch(encode, n, device)
