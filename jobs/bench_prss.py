@@ -653,11 +653,11 @@ def late_calibration(mags: dict[str, np.ndarray], levels: list[dict[str, Any]]) 
     lambda_pr and tau (re-anchoring unchanged) and takes lambda_ss from the memorized
     trajectories' m_t at that step, so ``prss-late d`` differs from ``prss d`` in the trigger alone.
     """
-    from memshard.prss.calibration import DETECT_WINDOW, defended_level, detection_step
+    from memshard.prss.calibration import defended_level, detect_window, detection_step
 
     ms, hs = mags["mem"], mags["held"]
     k, by_step = detection_step(ms, hs)
-    window = max(1, int(len(by_step) * DETECT_WINDOW))
+    window = detect_window(len(by_step))
     out = []
     for lv in levels:
         at_k = defended_level(ms[:, k - 1], ms.ravel(), lv["defend"], hs[:, k - 1])

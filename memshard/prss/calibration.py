@@ -269,8 +269,12 @@ def detection_step(
     with a restart, cost too many repeated steps). Ties go to the earliest step.
     """
     by_step = auc_by_step(np.asarray(mem_steps), np.asarray(benign_steps))
-    n = max(1, int(len(by_step) * window))
-    return int(np.argmax(by_step[:n])) + 1, by_step
+    return int(np.argmax(by_step[: detect_window(len(by_step), window)])) + 1, by_step
+
+
+def detect_window(steps: int, window: float = DETECT_WINDOW) -> int:
+    """How many of the first steps :func:`detection_step` searches (at least one)."""
+    return max(1, int(steps * window))
 
 
 def scale_detect_step(detect_step: int, from_steps: int, to_steps: int) -> int:
@@ -278,8 +282,6 @@ def scale_detect_step(detect_step: int, from_steps: int, to_steps: int) -> int:
 
     Same share of the trajectory (so about the same noise level), clamped to [1, to_steps].
     """
-    if from_steps == to_steps:
-        return min(detect_step, to_steps)
     k = 1 + round((detect_step - 1) * to_steps / from_steps)
     return max(1, min(to_steps, k))
 

@@ -34,10 +34,11 @@ PRSS, per image (never per batch):
 
 Detection at a later step (``detect_step`` k > 1, beyond the spec): steps 1..k-1 are the
 undefended sampler's; m(ep) at step k triggers, candidates are scored on step k's state, and
-guidance switches from step k on; with ``restart`` a triggered batch is instead sampled again
-from x_T with those decisions fixed (k - 1 extra steps for a triggered image, none for an
-untriggered one, which stays bitwise the undefended output either way). Why: on a model whose
-first-step magnitude does not separate memorized prompts, a few steps in it does (BENCHMARKS.md).
+guidance switches from step k on; with ``restart`` a batch in which anything triggered is
+instead sampled again from x_T with those decisions fixed (k - 1 extra steps for the whole
+batch; a batch without a trigger pays nothing). An untriggered image stays bitwise the
+undefended output either way. Why: on a model whose first-step magnitude does not separate
+memorized prompts, a few steps in it does (BENCHMARKS.md).
 
 Mode ``pr`` re-anchors on the first candidate without scoring any: it isolates the effect of
 re-anchoring (the ablation of the paper), costs no search call, and the first candidate is
@@ -251,8 +252,8 @@ def sample(
     restart = opt.enabled and opt.restart and opt.detect_step > 1
     x, decision = run(None, restart)
     if decision is not None:  # triggered after step 1 with restart: again from x_T, decisions fixed
-        for r in reports:
-            if record_steps:
+        if record_steps:
+            for r in reports:
                 r["m_steps"] = []
         x, _ = run(decision, False)
     return x, reports
