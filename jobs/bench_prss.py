@@ -82,9 +82,13 @@ class Size:
     caption_dropout: float = 0.1  # share of training captions replaced by the empty prompt
     max_text_length: int = 16
     gpus: float = 0.0  # GPUs of the whole training run (split over the shards); sampling then uses CUDA
-    # warm start of both arms (train.init_from: RUN or RUN@ROUND trained on the same split), e.g. to
-    # continue the undefended model for train_steps more steps in a calibration run of its own --out
+    # warm start of the undefended model (train.init_from: RUN or RUN@ROUND trained on the same
+    # split), e.g. to continue it for train_steps more steps in a calibration run of its own --out
     init_from: str = ""
+    # warm start of the IET-AGC+ arm: an IET-AGC+ run on the same split, continued for train_steps.
+    # Empty: the arm never inherits the undefended model (its memorization would come with it), so
+    # with init_from set it trains from scratch for as many steps as the undefended model has in all.
+    plus_init_from: str = ""
 
 
 # the model, data and sampling fields ``--size-set`` may change (calibration runs)
@@ -104,6 +108,7 @@ SETTABLE = (
     "guidance_scale",
     "caption_dropout",
     "init_from",
+    "plus_init_from",
 )
 
 
@@ -248,11 +253,37 @@ def train_arm(size: Size, split: dict[str, Any], out: str, method: str, deadline
     return run
 
 
+def arm_steps(size: Size, method: str) -> tuple[int, str]:
+    """(optimizer steps to train, warm start) of one arm; both arms end at the same total steps.
+
+    The undefended model continues ``size.init_from``; the IET-AGC+ arm continues
+    ``size.plus_init_from`` (an IET-AGC+ run) or, without one, trains from scratch for the
+    undefended model's total (its warm start's steps included): warm-starting the defence from
+    the undefended model would hand it the memorization it is meant to prevent.
+    """
+    if method == "baseline":
+        return size.train_steps, size.init_from
+    if size.plus_init_from or not size.init_from:
+        return size.train_steps, size.plus_init_from
+    return size.train_steps + warm_start_steps(size.init_from), ""
+
+
+def warm_start_steps(spec: str) -> int:
+    """Optimizer steps behind a ``train.init_from`` spec (RUN or RUN@ROUND), its own warm starts included."""
+    from memshard.config import split_init_from
+    from memshard.io.rundir import training_through
+
+    path, rnd = split_init_from(spec)
+    manifest = json.loads(open(os.path.join(path, "run.json")).read())
+    return int(training_through(manifest, int(manifest["rounds_completed"] if rnd is None else rnd))["train_steps"])
+
+
 def arm_config(size: Size, split: dict[str, Any], method: str) -> Any:
-    """The validated training config of one arm: 4 rounds, ``size.train_steps`` over all rounds and shards."""
+    """The validated training config of one arm: 4 rounds, its steps (:func:`arm_steps`) over all rounds and shards."""
     k = 1 if method == "baseline" else size.shards
     rounds = 4
-    per = size.train_steps // (rounds * k)
+    steps, init_from = arm_steps(size, method)
+    per = steps // (rounds * k)
     return load_config(
         {
             "name": f"prss-{method}",
@@ -271,7 +302,7 @@ def arm_config(size: Size, split: dict[str, Any], method: str) -> Any:
                 "lr": size.lr,
                 "warmup_steps": 50,
                 "ema_decay": 0.999,
-                "init_from": size.init_from or None,
+                "init_from": init_from or None,
             },
             "shards": {"count": k},
             # gpus_per_shard None (not 0) on the CPU: the resources the cpu runs were trained with
@@ -1128,6 +1159,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "untriggered": untriggered,
         "triggered_alone": triggered,
         "combined": combined,
+        "combined_total_steps": None if plus_run is None else total_steps(plus_run),  # the IET-AGC+ arm's
         "targets": targets(results, combined, untriggered, judge.calibration["distinct_mean"], triggered),
         "wall_s": time.perf_counter() - t_start,
         "command": command_line(argv),
@@ -1149,10 +1181,7 @@ def command_line(argv: list[str] | None) -> str:
 
 def total_steps(run: str) -> int:
     """Optimizer steps behind a run's model, its warm start's (train.init_from) included."""
-    from memshard.io.rundir import training_through
-
-    manifest = json.loads(open(os.path.join(run, "run.json")).read())
-    return int(training_through(manifest, int(manifest["rounds_completed"]))["train_steps"])
+    return warm_start_steps(run)
 
 
 def model_summary(
@@ -1390,7 +1419,9 @@ def render(s: dict[str, Any], plot_path: str) -> str:
     if s.get("combined"):
         lines += [
             "",
-            "Combined system (memorized prompts; PRSS levels calibrated on the IET-AGC+ model):",
+            "Combined system (memorized prompts; PRSS levels calibrated on the IET-AGC+ model"
+            + (f", trained {s['combined_total_steps']:,} steps" if s.get("combined_total_steps") else "")
+            + "):",
             "",
             "| training + sampling | copy mean | copy p95 | copied | memorized (1/3) | alignment |",
             "|---|---|---|---|---|---|",

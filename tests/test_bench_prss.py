@@ -157,17 +157,33 @@ def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path, monkeypatc
     assert "Sampler levers" not in job.render(bare, "unused.png")
 
 
-def test_arm_configs_split_the_steps_and_carry_the_warm_start():
+def test_arm_configs_split_the_steps_and_carry_the_warm_start(tmp_path):
     job = _job()
-    size = job.Size(**{**job.SIZES["cpu"].__dict__, "init_from": "runs/prss/baseline@3"})
+    # a warm-start source: 4,000 steps of its own on top of a 1,000-step init, 4 rounds of 1,000
+    src = tmp_path / "prss" / "baseline"
+    src.mkdir(parents=True)
+    rounds = [{"round": r, "steps": 1000, "round_s": 1.0} for r in range(1, 5)]
+    (src / "run.json").write_text(json.dumps({"rounds_completed": 4, "init": {"steps": 1000}, "rounds": rounds}))
+    size = job.Size(**{**job.SIZES["cpu"].__dict__, "init_from": f"{src}@3"})
     split = {"train": "runs/prss/data/train.parquet"}
     base, plus = job.arm_config(size, split, "baseline"), job.arm_config(size, split, "iet-agc-plus")
     assert base.shards.count == 1 and plus.shards.count == size.shards
-    for cfg in (base, plus):  # the same total optimizer steps in both arms, from the same warm start
-        assert cfg.train.rounds * cfg.train.steps_per_round * cfg.shards.count == size.train_steps
-        assert cfg.train.init_from == "runs/prss/baseline@3"
+    steps = lambda cfg: cfg.train.rounds * cfg.train.steps_per_round * cfg.shards.count  # noqa: E731
+    # the undefended model continues its warm start; the defence never inherits it: it trains from
+    # scratch for the same total (the source's steps through round 3 included)
+    assert steps(base) == size.train_steps and base.train.init_from == f"{src}@3"
+    assert steps(plus) == size.train_steps + 1000 + 3 * 1000 and plus.train.init_from is None
+    assert job.total_steps(str(src)) == 5000
+    for cfg in (base, plus):
         assert cfg.model.caption_dropout == size.caption_dropout
-    assert job.arm_config(job.SIZES["cpu"], split, "baseline").train.init_from is None
+    # an IET-AGC+ run to continue: both arms train train_steps more, each from its own source
+    cont = job.Size(**{**size.__dict__, "plus_init_from": "runs/prss/iet-agc-plus"})
+    plus2 = job.arm_config(cont, split, "iet-agc-plus")
+    assert steps(plus2) == size.train_steps and plus2.train.init_from == "runs/prss/iet-agc-plus"
+    plain = job.SIZES["cpu"]
+    for method in ("baseline", "iet-agc-plus"):
+        cfg = job.arm_config(plain, split, method)
+        assert cfg.train.init_from is None and steps(cfg) == plain.train_steps
 
 
 def test_guidance_intervals_name_the_guided_steps():

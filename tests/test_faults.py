@@ -88,6 +88,21 @@ def test_hung_shard_actor_fails_the_round_after_the_stall_timeout(reference, tmp
     assert outcome.rounds_completed == 3 and same_weights(out, reference, 3) == []
 
 
+def test_a_round_longer_than_the_stall_timeout_finishes_while_its_shards_report_progress(ray_cluster, tmp_path):
+    """The stall timeout is for silence, not for long rounds: progress reports must reach the driver.
+
+    (They did not while the coordinator sat in record_round waiting for the round's statistics:
+    a 30-minute round failed at the default 1800 s.)
+    """
+    stall_s = 30
+    overrides = ["train.rounds=1", "train.steps_per_round=600", f"resources.stall_timeout_s={stall_s}"]
+    cfg = load_config("demo", [*TINY, *overrides])
+    outcome = train(cfg, out=str(tmp_path / "run"))
+    assert outcome.complete
+    round_s = json.loads((tmp_path / "run" / "run.json").read_text())["rounds"][0]["round_s"]
+    assert round_s > stall_s, f"the round took {round_s:.0f}s: too short to test the stall timeout"
+
+
 def test_killed_driver_resumes_to_the_same_weights(reference, tmp_path, ray_cluster):
     """The driver as a separate process (a `ray job`) on the same cluster, SIGKILLed in round 2."""
     run = tmp_path / "run"

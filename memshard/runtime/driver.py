@@ -404,8 +404,12 @@ def _train(
                 weight_refs = [o[0] for o in outs]
                 stat_refs = [o[1] for o in outs]
                 agg_ref = remote_call(aggregate_round, run_uri, r, weight_refs, num_cpus=0)
+                # record_round is submitted once the statistics exist: it ray.get()s them, and the
+                # coordinator (one thread) would answer no progress call while it waits, so a round
+                # longer than stall_timeout_s would look stalled. A hung record_round still fails.
+                _wait_with_progress([*stat_refs, agg_ref], coordinator, progress, r, cfg.resources.stall_timeout_s)
                 summary_ref = coordinator.record_round.remote(r, stat_refs)
-                _wait_with_progress([agg_ref, summary_ref], coordinator, progress, r, cfg.resources.stall_timeout_s)
+                _wait_with_progress([summary_ref], coordinator, progress, r, cfg.resources.stall_timeout_s)
                 summary = ray.get(summary_ref)
                 summary["round_s"] = time.perf_counter() - t0
                 summary["images_per_s"] = summary["steps"] * cfg.train.batch_size / summary["round_s"]
