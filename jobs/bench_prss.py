@@ -265,17 +265,7 @@ def arm_steps(size: Size, method: str) -> tuple[int, str]:
         return size.train_steps, size.init_from
     if size.plus_init_from or not size.init_from:
         return size.train_steps, size.plus_init_from
-    return size.train_steps + warm_start_steps(size.init_from), ""
-
-
-def warm_start_steps(spec: str) -> int:
-    """Optimizer steps behind a ``train.init_from`` spec (RUN or RUN@ROUND), its own warm starts included."""
-    from memshard.config import split_init_from
-    from memshard.io.rundir import training_through
-
-    path, rnd = split_init_from(spec)
-    manifest = json.loads(open(os.path.join(path, "run.json")).read())
-    return int(training_through(manifest, int(manifest["rounds_completed"] if rnd is None else rnd))["train_steps"])
+    return size.train_steps + total_steps(size.init_from), ""
 
 
 def arm_config(size: Size, split: dict[str, Any], method: str) -> Any:
@@ -1179,9 +1169,17 @@ def command_line(argv: list[str] | None) -> str:
     return " ".join(["python", "jobs/bench_prss.py", *(argv if argv is not None else sys.argv[1:])])
 
 
-def total_steps(run: str) -> int:
-    """Optimizer steps behind a run's model, its warm start's (train.init_from) included."""
-    return warm_start_steps(run)
+def total_steps(spec: str) -> int:
+    """Optimizer steps behind a run's model (RUN, or RUN@ROUND as ``train.init_from`` names it), its
+    own warm start's included."""
+    from memshard.config import split_init_from
+    from memshard.io.rundir import RunDir, training_through
+
+    path, rnd = split_init_from(spec)
+    manifest = RunDir(path).manifest()
+    if manifest is None:
+        raise SystemExit(f"{spec}: no run there (no run.json)")
+    return int(training_through(manifest, int(manifest["rounds_completed"]) if rnd is None else rnd)["train_steps"])
 
 
 def model_summary(

@@ -174,6 +174,9 @@ def test_arm_configs_split_the_steps_and_carry_the_warm_start(tmp_path):
     assert steps(base) == size.train_steps and base.train.init_from == f"{src}@3"
     assert steps(plus) == size.train_steps + 1000 + 3 * 1000 and plus.train.init_from is None
     assert job.total_steps(str(src)) == 5000
+    gone = job.Size(**{**size.__dict__, "init_from": str(tmp_path / "nothing")})
+    with pytest.raises(SystemExit, match="nothing: no run there"):
+        job.arm_config(gone, split, "iet-agc-plus")
     for cfg in (base, plus):
         assert cfg.model.caption_dropout == size.caption_dropout
     # an IET-AGC+ run to continue: both arms train train_steps more, each from its own source
