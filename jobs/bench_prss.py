@@ -105,6 +105,7 @@ SETTABLE = (
     "gens_per_prompt",
     "sample_steps",
     "cpus",
+    "shards",
     "guidance_scale",
     "caption_dropout",
     "init_from",
@@ -139,6 +140,9 @@ PROVIDERS = ("bank", "perturb", "list")
 DEFAULT_PROVIDER = "bank"
 # PRSS with fewer candidates scored (the spec's 25 is num_candidates' default): the cost of a triggered image
 FEW_CANDIDATES = 8
+# matched alignment for the combined system: within 5% of plain training's best (the frontier's 1.05 x FID)
+MATCHED_ALIGNMENT = 0.95
+FRONTIER_KEYS = ("round", "steps", "alignment", "copy_over", "memorized_fraction")
 RANDOM_TOKENS = (1, 2, 4, 8)  # random_token's k, weakest to strongest
 NOISE_SIGMAS = (0.1, 0.3, 1.0)  # gaussian_noise's sigma on the token states
 WEN_LEVELS = (0.5, 0.9, 0.97)  # Wen et al. optimise down to lambda_ss of these levels
@@ -768,6 +772,84 @@ def method_arms(
     return arms
 
 
+def plain_checkpoints(
+    run: str, judge: Judge, prompts: list[str], seeds: list[int], own: np.ndarray, steps: int, gs: float
+) -> list[dict[str, Any]]:
+    """Plain training stopped early: the undefended sampler on every committed round of the undefended model.
+
+    The same memorized prompts and seeds as every method, EMA weights as served; the last
+    round is the served model itself. These points are the early-stopping frontier the
+    combined system is compared with at matched alignment (:func:`early_stopping`).
+    """
+    from memshard.io.rundir import RunDir
+    from memshard.io.weights import shapes_of
+    from memshard.prss.pipeline import load_served_t2i
+
+    rd = RunDir(run)
+    pipe = on_device(load_served_t2i(os.path.join(run, "served")))
+    expected = shapes_of(pipe.unet.state_dict())
+    points = []
+    for r in range(1, rd.rounds_completed() + 1):
+        raw, ema = rd.load_weights(r, expected=expected)
+        pipe.unet.load_state_dict(ema if ema is not None else raw)
+        gen, _, _ = generate(pipe, prompts, seeds, steps, gs, prss=False)
+        points.append({"round": r, "steps": total_steps(f"{run}@{r}"), **judge(gen, prompts, own)})
+    return points
+
+
+def early_stopping(points: list[dict[str, Any]], alignment: float) -> dict[str, Any] | None:
+    """E(a): the plain-training checkpoint that copies least among those at least ``alignment`` aligned.
+
+    The frontier's definition (memshard.evaluation.metrics.frontier) with alignment in place of
+    FID: a user who wants alignment a can stop plain training at the first point that has it;
+    a defence must copy less than that to be worth using. None: no checkpoint is that aligned.
+    """
+    ok = [p for p in points if p["alignment"] >= alignment]
+    return min(ok, key=lambda p: (p["copy_over"], p["memorized_fraction"], p["steps"])) if ok else None
+
+
+def combined_targets(combined: dict[str, Any], frontier: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The combined system against plain training stopped early, at matched and at its own alignment.
+
+    Matched alignment Q = MATCHED_ALIGNMENT x the best alignment plain training reaches (its
+    checkpoints, or the final model alone without them): an IET-AGC+ row reaches it when its
+    alignment is at least Q, and the best such row (fewest copies) is compared with E(Q)
+    (``combined_matched_alignment``; None when no row reaches Q). Every row is also compared with
+    E(its own alignment) (``combined_at_own_alignment``), the only fair comparison for a row that
+    does not reach Q.
+    """
+    plain = combined["plain + none"]
+    points = frontier or [{"round": None, "steps": None, **plain}]
+    q = MATCHED_ALIGNMENT * max(p["alignment"] for p in points)
+    rows = {k: v for k, v in combined.items() if k.startswith("IET-AGC+")}
+
+    def versus(v: dict[str, Any], e: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "alignment": v["alignment"],
+            "copied": v["copy_over"],
+            "memorized_fraction": v["memorized_fraction"],
+            "early_stopping": None if e is None else {k: e[k] for k in FRONTIER_KEYS},
+            "copied_reduction": None if e is None else _reduction(v["copy_over"], e["copy_over"]),
+            "memorized_reduction": None if e is None else _reduction(v["memorized_fraction"], e["memorized_fraction"]),
+        }
+
+    out: dict[str, Any] = {
+        "combined_matched_alignment_q": q,
+        "combined_at_own_alignment": {k: versus(v, early_stopping(points, v["alignment"])) for k, v in rows.items()},
+    }
+    matched = {k: v for k, v in rows.items() if v["alignment"] >= q}
+    if matched:
+        k, v = min(matched.items(), key=lambda kv: (kv[1]["copy_over"], kv[1]["memorized_fraction"]))
+        out["combined_matched_alignment"] = {
+            "name": k,
+            **versus(v, early_stopping(points, q)),
+            "alignment_change": v["alignment"] / plain["alignment"] - 1,
+        }
+    else:
+        out["combined_matched_alignment"] = None
+    return out
+
+
 def _reduction(v: float, base: float) -> float | None:
     return 1 - v / base if base > 0 else None
 
@@ -778,8 +860,10 @@ def targets(
     untrig: dict[str, Any],
     distinct_mean: float,
     trig_alone: dict[str, Any] | None = None,
+    frontier: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The issue's targets, measured: PRSS's best level within 5% alignment, time, and the combined system.
+    """The issue's targets, measured: PRSS's best level within 5% alignment, time, and the combined system
+    (against plain training stopped early, ``frontier``: :func:`combined_targets`).
 
     ``copy_excess_reduction``: how much of the undefended copy similarity's excess over
     ``distinct_mean`` (what the nearest distinct training image scores, the pixel measure's
@@ -809,22 +893,7 @@ def targets(
         out["time"]["triggered_alone_time_ratio"] = trig_alone["time_ratio"]
         out["time"]["triggered_alone_time_ratio_few_candidates"] = trig_alone.get("time_ratio_few_candidates")
     if combined:
-        plain = combined["plain + none"]
-        matched = {
-            k: v
-            for k, v in combined.items()
-            if k.startswith("IET-AGC+") and v["alignment"] >= 0.95 * plain["alignment"]
-        }
-        if matched:
-            k, v = min(matched.items(), key=lambda kv: (kv[1]["copy_over"], kv[1]["memorized_fraction"]))
-            out["combined_matched_alignment"] = {
-                "name": k,
-                "copied_reduction": _reduction(v["copy_over"], plain["copy_over"]),
-                "memorized_reduction": _reduction(v["memorized_fraction"], plain["memorized_fraction"]),
-                "alignment_change": v["alignment"] / plain["alignment"] - 1,
-            }
-        else:
-            out["combined_matched_alignment"] = None
+        out.update(combined_targets(combined, frontier))
     return out
 
 
@@ -1102,7 +1171,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     triggered = cached(args.out, f"triggered-{tag}", triggered_cost)
 
     # ---- the combined system: IET-AGC+ training, then PRSS calibrated on that model
-    combined = None
+    combined, frontier = None, None
     if plus_run is not None:
         pipe2 = on_device(load_served_t2i(os.path.join(plus_run, "served")))
 
@@ -1129,6 +1198,11 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             "plain + none": {k: v for k, v in results[0].items() if k not in ("name", "method", "level")},
             **cached(args.out, f"combined-{tag}", defended_model),
         }
+        frontier = cached(
+            args.out,
+            f"plain-frontier-{tag}",
+            lambda: plain_checkpoints(plain_run, judge, m_prompts, m_seeds, own, steps, gs),
+        )
 
     summary = {
         "size": args.size,
@@ -1149,8 +1223,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "untriggered": untriggered,
         "triggered_alone": triggered,
         "combined": combined,
+        "plain_frontier": frontier,  # plain training's checkpoints: what stopping it early would give
         "combined_total_steps": None if plus_run is None else total_steps(plus_run),  # the IET-AGC+ arm's
-        "targets": targets(results, combined, untriggered, judge.calibration["distinct_mean"], triggered),
+        "targets": targets(results, combined, untriggered, judge.calibration["distinct_mean"], triggered, frontier),
         "wall_s": time.perf_counter() - t_start,
         "command": command_line(argv),
     }
@@ -1223,6 +1298,11 @@ def publish(out: str, size: str, name: str = "", model_only: bool = False, with_
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:+.0%}"
+
+
+def _change(reduction: float | None) -> str:
+    """A reduction (1 - new / old) as the signed change a reader expects (-90%: nine tenths fewer)."""
+    return _pct(None if reduction is None else -reduction)
 
 
 def _rate(v: float) -> str:
@@ -1415,22 +1495,74 @@ def render(s: dict[str, Any], plot_path: str) -> str:
             "candidates.",
         ]
     if s.get("combined"):
+        own = s["targets"].get("combined_at_own_alignment") or {}
         lines += [
             "",
             "Combined system (memorized prompts; PRSS levels calibrated on the IET-AGC+ model"
+            + f", {s['config']['shards']} shard{'s' if s['config']['shards'] > 1 else ''}"
             + (f", trained {s['combined_total_steps']:,} steps" if s.get("combined_total_steps") else "")
             + "):",
             "",
-            "| training + sampling | copy mean | copy p95 | copied | memorized (1/3) | alignment |",
+            "| training + sampling | copy mean | copy p95 | copied | memorized (1/3) | alignment |"
+            + (" plain training stopped early at this alignment: copied | vs it |" if own else ""),
+            "|---|---|---|---|---|---|" + ("---|---|" if own else ""),
+        ]
+        for k, r in s["combined"].items():
+            row = (
+                f"| {k} | {r['copy_mean']:.3f} | {r['copy_p95']:.3f} | {r['copy_over']:.1%} | "
+                f"{r['memorized_fraction']:.1%} | {r['alignment']:.3f} |"
+            )
+            if own:  # summaries from before the frontier comparison have none
+                e = (own.get(k) or {}).get("early_stopping")
+                at = "" if e is None else f"{e['copy_over']:.1%}" + (f" ({e['steps']:,} steps)" if e["steps"] else "")
+                row += f" {at} | {_change((own.get(k) or {}).get('copied_reduction'))} |"
+            lines.append(row)
+        lines += combined_lines(s)
+    lines += ["", f"![privacy vs alignment]({plot_path})", ""]
+    return "\n".join(lines)
+
+
+def combined_lines(s: dict[str, Any]) -> list[str]:
+    """The early-stopping frontier of plain training and the combined system's verdict at matched alignment."""
+    t = s["targets"]
+    lines = []
+    if s.get("plain_frontier"):
+        lines += [
+            "",
+            "Plain training stopped early (the undefended sampler on each committed round of the undefended model, "
+            "same prompts and seeds): the frontier a defence must beat.",
+            "",
+            "| round | steps | copy mean | copied | memorized (1/3) | alignment |",
             "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {k} | {r['copy_mean']:.3f} | {r['copy_p95']:.3f} | {r['copy_over']:.1%} | "
-            f"{r['memorized_fraction']:.1%} | {r['alignment']:.3f} |"
-            for k, r in s["combined"].items()
+            f"| {p['round']} | {p['steps']:,} | {p['copy_mean']:.3f} | {p['copy_over']:.1%} | "
+            f"{p['memorized_fraction']:.1%} | {p['alignment']:.3f} |"
+            for p in s["plain_frontier"]
         ]
-    lines += ["", f"![privacy vs alignment]({plot_path})", ""]
-    return "\n".join(lines)
+    if "combined_matched_alignment_q" not in t:
+        return lines
+    q, m = t["combined_matched_alignment_q"], t.get("combined_matched_alignment")
+    if m is None:
+        best = max(t["combined_at_own_alignment"].items(), key=lambda kv: kv[1]["alignment"])
+        verdict = (
+            f"no IET-AGC+ row reaches it (the best, {best[0]}, has alignment {best[1]['alignment']:.3f}), so the "
+            "target (memorized fraction -90% at matched alignment) is unmeasurable; each row's comparison at its own "
+            "alignment is in the table"
+        )
+    else:
+        e = m["early_stopping"]
+        verdict = (
+            f"{m['name']} reaches it (alignment {m['alignment']:.3f}) and copies {m['copied']:.1%} of generations "
+            f"(1/3 rule {m['memorized_fraction']:.1%}) against {e['copy_over']:.1%} ({e['memorized_fraction']:.1%}) "
+            f"for plain training stopped at {e['steps']:,} steps: copied {_change(m['copied_reduction'])}, "
+            f"memorized {_change(m['memorized_reduction'])} (target -90%)"
+        )
+    return [
+        *lines,
+        "",
+        f"Matched alignment: at least {MATCHED_ALIGNMENT:g} x plain training's best alignment = {q:.3f}; {verdict}.",
+    ]
 
 
 def plot(s: dict[str, Any], path: str) -> None:
@@ -1450,6 +1582,17 @@ def plot(s: dict[str, Any], path: str) -> None:
         for r in rows if len(rows) > 1 else []:
             ax.annotate(str(r["level"]), (r["copy_mean"], r["alignment"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
+    if s.get("plain_frontier"):
+        pts = s["plain_frontier"]
+        ax.plot([p["copy_mean"] for p in pts], [p["alignment"] for p in pts], "k--", lw=1,
+                label="plain training, stopped early")  # fmt: skip
+        for p in pts:
+            ax.annotate(f"{p['steps']:,}", (p["copy_mean"], p["alignment"]), fontsize=7, xytext=(3, -9),
+                        textcoords="offset points")  # fmt: skip
+    plus = [r for k, r in (s.get("combined") or {}).items() if k.startswith("IET-AGC+")]
+    if plus:
+        ax.plot([r["copy_mean"] for r in plus], [r["alignment"] for r in plus], "^-", color="tab:red", lw=1.5,
+                label="IET-AGC+ model (+ PRSS levels)")  # fmt: skip
     ax.set_xlabel(f"copy similarity, mean ({s['extractor']}; lower = more private)")
     ax.set_ylabel("alignment with the original prompt")
     ax.legend(fontsize=8)

@@ -165,6 +165,13 @@ class PRSSConfig(_Section):
         "state. 1 is the spec (the first step); later steps detect better where the first-step magnitude does "
         "not separate memorized prompts (BENCHMARKS.md, PRSS).",
     )
+    detect_reference_steps: int | None = Field(
+        None,
+        ge=1,
+        description="The sampling step count detect_step was chosen for (a calibration's `steps`); a sampler with "
+        "other steps detects at the same share of its trajectory. None: detect_step is a step of the sampler's "
+        "own count.",
+    )
     restart: bool = Field(
         False,
         description="With detect_step > 1: sample a triggered image again from x_T with the chosen prompt "

@@ -124,9 +124,15 @@ def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path, monkeypatc
     assert len(res["calibration"]["auc_by_step"]) == job.SIZES["toy"].sample_steps
     assert all(0.0 <= a <= 1.0 for a in res["calibration"]["auc_by_step"])
     assert {"plain + none", "IET-AGC+ + none"} <= set(res["combined"])
+    # plain training stopped early: every committed round of the undefended model, the last one the served model
+    frontier = res["plain_frontier"]
+    assert [p["round"] for p in frontier] == [1, 2, 3, 4] and frontier[-1]["steps"] == res["total_steps"]
+    assert frontier[-1]["copy_mean"] == pytest.approx(res["combined"]["plain + none"]["copy_mean"], abs=1e-4)
+    assert set(res["targets"]["combined_at_own_alignment"]) == set(res["combined"]) - {"plain + none"}
     assert "time" in res["targets"]
     md = (tmp_path / "results.md").read_text()
     assert "| prss | 0.9 |" in md and "Detection" in md and "Combined system" in md and "Regime" in md
+    assert "Plain training stopped early" in md and "Matched alignment" in md
     assert "| prss-restart | 0.9 |" in md and f"Detection at step {late['detect_step']}" in md
     assert "Sampler levers" in md and "copies** when" in md
     for f in ("prss.png", "memorized_prompts.png", "regime.png", "regime-levers.png"):
@@ -187,6 +193,41 @@ def test_arm_configs_split_the_steps_and_carry_the_warm_start(tmp_path):
     for method in ("baseline", "iet-agc-plus"):
         cfg = job.arm_config(plain, split, method)
         assert cfg.train.init_from is None and steps(cfg) == plain.train_steps
+
+
+def test_the_combined_system_is_compared_with_plain_training_stopped_early():
+    job = _job()
+
+    def row(copied: float, mem: float, alignment: float) -> dict:
+        return {"copy_mean": 0.9, "copy_p95": 0.95, "copy_over": copied, "memorized_fraction": mem,
+                "alignment": alignment}  # fmt: skip
+
+    # plain training's checkpoints: more aligned, and copying more, the longer it trains
+    curve = [(0.0, 0.0, 0.05), (0.2, 0.0, 0.30), (0.9, 0.1, 0.40), (1.0, 0.1, 0.44)]
+    frontier = [{"round": r, "steps": 1000 * r, **row(*p)} for r, p in enumerate(curve, 1)]
+    assert job.early_stopping(frontier, 0.10)["round"] == 2 and job.early_stopping(frontier, 0.5) is None
+    combined = {
+        "plain + none": row(1.0, 0.1, 0.44),
+        "IET-AGC+ + none": row(0.1, 0.0, 0.42),
+        "IET-AGC+ + PRSS 0.9": row(0.0, 0.0, 0.10),
+    }
+    t = job.combined_targets(combined, frontier)
+    assert t["combined_matched_alignment_q"] == pytest.approx(0.95 * 0.44)
+    m = t["combined_matched_alignment"]  # only the last checkpoint is within 5% of the best alignment
+    assert m["name"] == "IET-AGC+ + none" and m["early_stopping"]["round"] == 4
+    assert m["copied_reduction"] == pytest.approx(0.9) and m["alignment_change"] == pytest.approx(0.42 / 0.44 - 1)
+    # a row below Q is compared with plain training stopped as early as its own alignment allows
+    own = t["combined_at_own_alignment"]["IET-AGC+ + PRSS 0.9"]
+    assert own["early_stopping"]["steps"] == 2000 and own["copied_reduction"] == pytest.approx(1.0)
+    text = "\n".join(job.combined_lines({"targets": t, "plain_frontier": frontier}))
+    assert "| 2 | 2,000 |" in text and "copied -90%" in text
+    # no row reaches Q: the target is unmeasurable, and the report says so
+    lower = job.combined_targets({k: v for k, v in combined.items() if k != "IET-AGC+ + none"}, frontier)
+    assert lower["combined_matched_alignment"] is None
+    assert "unmeasurable" in "\n".join(job.combined_lines({"targets": lower, "plain_frontier": frontier}))
+    # without checkpoints the final model is the only point of the frontier
+    alone = job.combined_targets(combined, None)["combined_matched_alignment"]
+    assert alone["early_stopping"]["copy_over"] == 1.0 and alone["copied_reduction"] == pytest.approx(0.9)
 
 
 def test_guidance_intervals_name_the_guided_steps():

@@ -51,7 +51,7 @@ def t2i_run(ray_cluster, tmp_path_factory) -> str:
     assert out.complete
     os.makedirs(os.path.join(out.run_uri, "prss"), exist_ok=True)
     with open(os.path.join(out.run_uri, "prss", "calibration.json"), "w") as fh:
-        json.dump(HIGH, fh)
+        json.dump({**HIGH, "steps": 8}, fh)  # calibrated for 8-step sampling (the server's default is 4)
     return out.run_uri
 
 
@@ -130,6 +130,7 @@ def test_health_answers_what_is_served(urls, t2i_run):
     prss = health["prss"]
     assert prss["floor"] == {k: HIGH[k] for k in ("lambda_ss", "lambda_pr", "tau")}
     assert set(prss["floor_source"].values()) == {"calibration"} and prss["allow_no_prss"] is False
+    assert prss["detect_step"] == {"step": 1, "of_steps": 8}  # the calibration's step count, not the default 4
     with urllib.request.urlopen(urls["ddpm"] + "/health", timeout=30) as resp:
         assert json.loads(resp.read())["kind"] == "ddpm"
 
@@ -283,6 +284,9 @@ def test_floor_rule_and_prss_off_flag(t2i_run, tmp_path):
     assert server_prss(str(bare))[0].detect_step == 3
     assert server_prss(str(bare), {"lambda_pr": 1e9})[0].detect_step == 3
     assert server_prss(str(bare), {"lambda_ss": 2.0})[0].detect_step == 1
+    # ... with the step count it was chosen for, resolved once here for every replica
+    assert server_prss(str(bare))[0].detect_reference_steps == 6
+    assert server_prss(str(bare), {"lambda_ss": 2.0})[0].detect_reference_steps is None
     # PRSS off only on a server that allows it; thresholds then play no part
     body = json.dumps({"prompt": "a red square", "prss": False}).encode()
     with pytest.raises(RequestError) as err:

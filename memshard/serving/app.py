@@ -266,7 +266,6 @@ class MemshardServer:
 
     def _load_t2i(self, prss: dict[str, Any]) -> None:
         from memshard.io.storage import Storage
-        from memshard.prss.calibration import load_calibration
         from memshard.prss.pipeline import load_served_t2i
 
         self.prss = PRSSConfig.model_validate(prss)
@@ -288,9 +287,10 @@ class MemshardServer:
             self.bank = make_provider("bank", bank=self.prss.bank, embed=enc.embed)
         self.image_size = self.pipe._pixel_size()
         self.num_classes = None
-        # the step count the detection step was set for: a request with other steps detects at the same share
-        cal = load_calibration(self.run) if self.prss_sources.get("lambda_ss") == "calibration" else None
-        self.detect_ref_steps = int(cal.get("steps", self.limits.default_steps)) if cal else self.limits.default_steps
+        # the step count the detection step was set for (resolved with the thresholds at start-up, so a
+        # replica restarted after a recalibration cannot pair the old floor with a new step count): a
+        # request with other steps detects at the same share of its trajectory
+        self.detect_ref_steps = self.prss.detect_reference_steps or self.limits.default_steps
 
     def _load_ddpm(self) -> None:
         from memshard.models.sampling import load_served_unet

@@ -91,6 +91,8 @@ def server_prss(run: str, overrides: dict[str, float | None] | None = None) -> t
     if calibration is not None and sources["lambda_ss"] == "calibration":
         # lambda_ss is on the scale of the step it was calibrated at: that step comes with it
         values["detect_step"] = int(calibration.get("detect_step", 1))
+        if "steps" in calibration:  # and the step count it was chosen for: replicas never reread the file
+            values["detect_reference_steps"] = int(calibration["steps"])
     try:
         prss = PRSSConfig.model_validate(values)
     except ValidationError as exc:
