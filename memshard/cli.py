@@ -244,7 +244,7 @@ def _prss_error(exc: ValidationError, base: PRSSConfig) -> str:
 def cmd_sample_t2i(args: argparse.Namespace) -> int:
     from memshard.config import build_config
     from memshard.io.rundir import RunDir
-    from memshard.prss.calibration import calibrated_detect_step, load_calibration
+    from memshard.prss.calibration import load_calibration, scale_detect_step
     from memshard.prss.sample import SampleRequest, read_prompts, sample_run
 
     manifest = RunDir(args.run).manifest()
@@ -254,10 +254,12 @@ def cmd_sample_t2i(args: argparse.Namespace) -> int:
     calibration = load_calibration(args.run)
     if calibration is not None and all(v is None for v in (args.lambda_ss, args.lambda_pr, args.tau)):
         # thresholds calibrated on this model (memshard calibrate-prss) beat the spec's SD-scale defaults;
-        # lambda_ss is on the scale of the step it was calibrated at, so that step comes with it
+        # lambda_ss is on the scale of the step it was calibrated at, so that step (and the step count it
+        # was chosen for) comes with it; files written before they had them: step 1, of no fixed count
         prss = prss.model_copy(
             update={**{k: calibration[k] for k in ("lambda_ss", "lambda_pr", "tau")},
-                    "detect_step": calibrated_detect_step(calibration, args.steps)}
+                    "detect_step": int(calibration.get("detect_step", 1)),
+                    "detect_reference_steps": calibration.get("steps")}
         )  # fmt: skip
     updates = {
         "enabled": args.prss,
@@ -276,6 +278,15 @@ def cmd_sample_t2i(args: argparse.Namespace) -> int:
         prss = prss.model_validate({**prss.model_dump(), **{k: v for k, v in updates.items() if v is not None}})
     except ValidationError as exc:
         raise ConfigError(f"PRSS options: {_prss_error(exc, prss)}") from None
+    if args.detect_step is not None:  # a step of this sampler's own count
+        prss = prss.model_copy(update={"detect_reference_steps": None})
+    elif prss.detect_reference_steps is not None:
+        # a detection step chosen for another step count (the calibration's, or the run config's
+        # prss.detect_reference_steps): the same share of this sampler's trajectory, as the server does
+        prss = prss.model_copy(
+            update={"detect_step": scale_detect_step(prss.detect_step, prss.detect_reference_steps, args.steps),
+                    "detect_reference_steps": None}
+        )  # fmt: skip
     if prss.enabled and prss.detect_step > args.steps:
         raise ConfigError(f"--detect-step {prss.detect_step}: past the last of --steps {args.steps}")
     out = writable(args.out or "samples", directory=True)

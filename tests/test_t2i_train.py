@@ -283,6 +283,32 @@ def test_calibrate_prss_sets_the_thresholds_sample_uses(t2i_run, tmp_path):
         level([1.0], [1.0], 1.0)
 
 
+def test_sample_scales_a_run_configs_detection_step_to_its_step_count(t2i_run, tmp_path):
+    """prss.detect_reference_steps in the run's config is honoured by `memshard sample` as by the server."""
+    import shutil
+
+    from memshard.cli import main
+
+    _, _, out = t2i_run
+    run = str(tmp_path / "run")
+    shutil.copytree(out.run_uri, run)
+    shutil.rmtree(os.path.join(run, "prss"), ignore_errors=True)  # no calibration: the config's values
+    manifest = json.load(open(os.path.join(run, "run.json")))
+    manifest["config"].setdefault("prss", {}).update(detect_step=2, detect_reference_steps=3)
+    json.dump(manifest, open(os.path.join(run, "run.json"), "w"))
+    args = ["--prompt", "a red square number 0", "--lambda-ss", "1e9"]
+    for steps, extra, step in (("3", [], 2), ("5", [], 3), ("9", [], 4), ("5", ["--detect-step", "2"], 2)):
+        dest = tmp_path / f"s{steps}{len(extra)}"
+        assert main(["sample", run, *args, "--steps", steps, *extra, "--out", str(dest)]) == 0
+        assert [r["detect_step"] for r in _report(dest / "report.jsonl")] == [step], (steps, extra)
+    # a calibration written before it recorded its step count: its step, unscaled
+    os.makedirs(os.path.join(run, "prss"))
+    old = {"lambda_ss": 1e9, "lambda_pr": 1.0, "tau": 2.0, "detect_step": 2}
+    json.dump(old, open(os.path.join(run, "prss", "calibration.json"), "w"))
+    assert main(["sample", run, "--prompt", "a red square", "--steps", "9", "--out", str(tmp_path / "old")]) == 0
+    assert [r["detect_step"] for r in _report(tmp_path / "old" / "report.jsonl")] == [2]
+
+
 def test_calibrate_prss_defends_the_duplicated_captions_by_default(ray_cluster, tmp_path, capsys):
     """On a set with duplicated captions the default level is stated against them, its cost against the rest."""
     import pyarrow as pa

@@ -284,8 +284,3 @@ def scale_detect_step(detect_step: int, from_steps: int, to_steps: int) -> int:
     """
     k = 1 + round((detect_step - 1) * to_steps / from_steps)
     return max(1, min(to_steps, k))
-
-
-def calibrated_detect_step(calibration: dict[str, Any], steps: int) -> int:
-    """The detection step of a calibration (1 in files written before it had one), for ``steps``-step sampling."""
-    return scale_detect_step(int(calibration.get("detect_step", 1)), int(calibration.get("steps", steps)), steps)
