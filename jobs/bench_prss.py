@@ -89,6 +89,10 @@ class Size:
     # Empty: the arm never inherits the undefended model (its memorization would come with it), so
     # with init_from set it trains from scratch for as many steps as the undefended model has in all.
     plus_init_from: str = ""
+    # rounds of each training: the plain-training checkpoints the combined system is compared with
+    # (the early-stopping frontier) are its rounds, so more rounds place E(a) more finely; the
+    # IET-AGC+ arm then also migrates and re-augments more often (between each of its rounds)
+    rounds: int = 4
 
 
 # the model, data and sampling fields ``--size-set`` may change (calibration runs)
@@ -110,6 +114,7 @@ SETTABLE = (
     "caption_dropout",
     "init_from",
     "plus_init_from",
+    "rounds",
 )
 
 
@@ -273,9 +278,9 @@ def arm_steps(size: Size, method: str) -> tuple[int, str]:
 
 
 def arm_config(size: Size, split: dict[str, Any], method: str) -> Any:
-    """The validated training config of one arm: 4 rounds, its steps (:func:`arm_steps`) over all rounds and shards."""
+    """The validated training config of one arm: its steps (:func:`arm_steps`) over the size's rounds and shards."""
     k = 1 if method == "baseline" else size.shards
-    rounds = 4
+    rounds = size.rounds
     steps, init_from = arm_steps(size, method)
     per = steps // (rounds * k)
     return load_config(

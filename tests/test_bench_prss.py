@@ -46,11 +46,11 @@ def test_size_set_overrides_typed_fields_and_refuses_unknown_ones():
     import argparse
 
     job = _job()
-    ns = argparse.Namespace(
-        train_steps=None, sample_steps=None, size_set=["caption_dropout=0.3", "preset=tiny", "init_from=runs/x@2"]
-    )
+    sets = ["caption_dropout=0.3", "preset=tiny", "init_from=runs/x@2", "rounds=8"]
+    ns = argparse.Namespace(train_steps=None, sample_steps=None, size_set=sets)
     size = job.with_overrides(job.SIZES["cpu"], ns)
     assert size.caption_dropout == 0.3 and size.preset == "tiny" and size.init_from == "runs/x@2"
+    assert size.rounds == 8
     assert size.train_steps == job.SIZES["cpu"].train_steps
     for bad in (["max_text_length=3"], ["caption_dropout"], ["train_steps=many"]):
         with pytest.raises(SystemExit):
@@ -192,7 +192,12 @@ def test_arm_configs_split_the_steps_and_carry_the_warm_start(tmp_path):
     plain = job.SIZES["cpu"]
     for method in ("baseline", "iet-agc-plus"):
         cfg = job.arm_config(plain, split, method)
-        assert cfg.train.init_from is None and steps(cfg) == plain.train_steps
+        assert cfg.train.init_from is None and steps(cfg) == plain.train_steps and cfg.train.rounds == 4
+    # more rounds: a finer early-stopping frontier, the same steps in all
+    fine = job.Size(**{**plain.__dict__, "rounds": 8})
+    for method in ("baseline", "iet-agc-plus"):
+        cfg = job.arm_config(fine, split, method)
+        assert cfg.train.rounds == 8 and steps(cfg) == plain.train_steps
 
 
 def test_the_combined_system_is_compared_with_plain_training_stopped_early():
