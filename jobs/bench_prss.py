@@ -13,14 +13,16 @@ samples from the same seeds:
   step (the first-quarter step whose magnitude best separates memorized from held-out
   calibration trajectories), guidance switched from there or the image sampled again.
 
-Reported per method: copy similarity (Inception pool3, max over the training set; mean, p95,
-fraction over the calibrated threshold), the pixel 1/3-rule memorized fraction, alignment
+Reported per method: copy similarity (correlation of mean-centred pixels, max over the
+training set; mean, p95, fraction over the calibrated threshold: :class:`Judge` says why not
+Inception pool3 at 16 px), the pixel 1/3-rule memorized fraction, alignment
 with the ORIGINAL prompt (the project's contrastive MiniLM/CNN model trained on the
 training pairs, its held-out retrieval accuracy reported), how many prompts triggered, and
 sampling time relative to plain CFG. Also detection (Wen et al.'s first-step magnitude:
 AUC and TPR at 1% FPR, memorized vs held-out prompts, with 1 and 4 generations per
 prompt), the cost of PRSS on untriggered prompts, and the combined system: IET-AGC+
-training plus PRSS sampling against plain training plus plain sampling.
+training plus PRSS sampling against plain training plus plain sampling, and against plain
+training stopped early (every committed round of the undefended model, at matched alignment).
 
 Privacy levels. The spec's thresholds (lambda_ss 1, lambda_pr 3, tau 5) are on SD v1.4's
 scale; a small model's magnitudes are on another one, so a level is the share of memorized
@@ -30,7 +32,7 @@ lambda_pr = the same quantile of their per-step magnitudes, tau = lambda_pr * 5/
 spec's tau/lambda_pr). The held-out prompts that trigger at each level are the cost.
 
     python jobs/bench_prss.py --size cpu --out runs/bench-prss-cpu --publish
-    python jobs/bench_prss.py --size cpu --out runs/prss-cal --stage model --size-set caption_dropout=0.1
+    python jobs/bench_prss.py --out runs/prss-drop1 --stage model --size-set caption_dropout=0.1 --skip-levers
     python jobs/bench_prss.py --size cpu --out runs/prss-long --stage model \
         --size-set init_from=runs/bench-prss-cpu/baseline --size-set train_steps=4000
 
@@ -126,7 +128,8 @@ SIZES = {
     # Measured (the regime and lever tables in BENCHMARKS.md): it copies its duplicated images
     # at CFG 1.5 (98% of generations) but turns them to colour noise from CFG 3 up, with or
     # without guidance rescale, dynamic thresholding, raw weights or a guidance interval; 20,000 steps of
-    # training move it towards the regime, slowly, and caption dropout 0.4 moves it away (BENCHMARKS.md);
+    # training move it towards the regime, slowly; caption dropout 0.4 moves it away and 0.1 towards it
+    # (8,000 steps at 0.1 ~ 12,000 at 0.2; BENCHMARKS.md; the published cpu results keep 0.2);
     # so the methods run at 1.5 (the 20,000-step model was also measured at 3 and 5: --size-set guidance_scale).
     "cpu": Size(16, "small", 24, 20, 1200, 200, 8000, 32, 1e-3, 4, 2, 50, 1.0, guidance_scale=1.5, caption_dropout=0.2),
     # ready, not run (no GPU was lent): a 25M UNet at 32 px, 100 memorized captions x20, 30,000 steps
