@@ -244,7 +244,7 @@ def _prss_error(exc: ValidationError, base: PRSSConfig) -> str:
 def cmd_sample_t2i(args: argparse.Namespace) -> int:
     from memshard.config import build_config
     from memshard.io.rundir import RunDir
-    from memshard.prss.calibration import load_calibration, scale_detect_step
+    from memshard.prss.calibration import calibration_detection, load_calibration, scale_detect_step
     from memshard.prss.sample import SampleRequest, read_prompts, sample_run
 
     manifest = RunDir(args.run).manifest()
@@ -254,12 +254,10 @@ def cmd_sample_t2i(args: argparse.Namespace) -> int:
     calibration = load_calibration(args.run)
     if calibration is not None and all(v is None for v in (args.lambda_ss, args.lambda_pr, args.tau)):
         # thresholds calibrated on this model (memshard calibrate-prss) beat the spec's SD-scale defaults;
-        # lambda_ss is on the scale of the step it was calibrated at, so that step (and the step count it
-        # was chosen for) comes with it; files written before they had them: step 1, of no fixed count
+        # lambda_ss comes with the step it was calibrated at
         prss = prss.model_copy(
             update={**{k: calibration[k] for k in ("lambda_ss", "lambda_pr", "tau")},
-                    "detect_step": int(calibration.get("detect_step", 1)),
-                    "detect_reference_steps": calibration.get("steps")}
+                    **calibration_detection(calibration)}
         )  # fmt: skip
     updates = {
         "enabled": args.prss,

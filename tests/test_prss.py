@@ -329,7 +329,7 @@ def test_restart_samples_a_late_trigger_again_from_x_T(mode: str) -> None:
 
 
 def test_detection_step_is_the_best_separating_early_step_and_scales_with_the_step_count() -> None:
-    from memshard.prss.calibration import detection_step, scale_detect_step
+    from memshard.prss.calibration import calibration_detection, detection_step, scale_detect_step
 
     rng = np.random.default_rng(1)
     mem, benign = rng.normal(1, 0.1, (30, 40)), rng.normal(1, 0.1, (60, 40))
@@ -342,6 +342,9 @@ def test_detection_step_is_the_best_separating_early_step_and_scales_with_the_st
     assert detection_step(benign[:30], benign[30:], window=0.01)[0] == 1  # a window of one step: step 1
     assert [scale_detect_step(11, 50, n) for n in (50, 25, 100, 4, 1)] == [11, 6, 21, 2, 1]
     assert scale_detect_step(1, 50, 10) == 1 and scale_detect_step(3, 3, 2) == 2
+    assert calibration_detection({"detect_step": 11, "steps": 50}) == {"detect_step": 11, "detect_reference_steps": 50}
+    # a calibration from before detection steps: step 1, of no fixed count
+    assert calibration_detection({"lambda_ss": 1.0}) == {"detect_step": 1, "detect_reference_steps": None}
 
 
 def test_provider_is_asked_only_for_triggered_prompts_and_capped() -> None:

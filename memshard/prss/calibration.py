@@ -284,3 +284,16 @@ def scale_detect_step(detect_step: int, from_steps: int, to_steps: int) -> int:
     """
     k = 1 + round((detect_step - 1) * to_steps / from_steps)
     return max(1, min(to_steps, k))
+
+
+def calibration_detection(calibration: dict[str, Any]) -> dict[str, int | None]:
+    """The detection step that comes with a calibration, and the step count it was chosen for.
+
+    lambda_ss is on the scale of the step it was calibrated at, so whoever uses a calibration's
+    lambda_ss (``memshard sample``, the server) takes these with it, as PRSSConfig's
+    ``detect_step`` and ``detect_reference_steps``. Files written before detection steps: step 1,
+    of no fixed count (every file that names a step also names its count).
+    """
+    steps = calibration.get("steps")
+    return {"detect_step": int(calibration.get("detect_step", 1)),
+            "detect_reference_steps": None if steps is None else int(steps)}  # fmt: skip

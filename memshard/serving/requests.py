@@ -72,7 +72,7 @@ def server_prss(run: str, overrides: dict[str, float | None] | None = None) -> t
     """
     from memshard.config import build_config
     from memshard.io.rundir import RunDir
-    from memshard.prss.calibration import load_calibration
+    from memshard.prss.calibration import calibration_detection, load_calibration
 
     manifest = RunDir(run).manifest()
     prss = build_config(manifest["config"]).prss if manifest else PRSSConfig()
@@ -89,10 +89,8 @@ def server_prss(run: str, overrides: dict[str, float | None] | None = None) -> t
             values[key] = float(value)
             sources[key] = "server"
     if calibration is not None and sources["lambda_ss"] == "calibration":
-        # lambda_ss is on the scale of the step it was calibrated at: that step comes with it
-        values["detect_step"] = int(calibration.get("detect_step", 1))
-        if "steps" in calibration:  # and the step count it was chosen for: replicas never reread the file
-            values["detect_reference_steps"] = int(calibration["steps"])
+        # lambda_ss comes with the step it was calibrated at, and its step count: replicas never reread the file
+        values.update(calibration_detection(calibration))
     try:
         prss = PRSSConfig.model_validate(values)
     except ValidationError as exc:
