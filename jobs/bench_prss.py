@@ -82,6 +82,9 @@ class Size:
     # Neither cpu model holds it (their samples turn to colour noise), so they run at 1.5.
     guidance_scale: float = 7.5
     caption_dropout: float = 0.1  # share of training captions replaced by the empty prompt
+    # what the UNet predicts: epsilon (the published runs) or v_prediction (Salimans & Ho; Lin et al.
+    # pair it with guidance rescale against over-exposure at high CFG): a lever on the high-CFG failure
+    prediction_type: str = "epsilon"
     max_text_length: int = 16
     gpus: float = 0.0  # GPUs of the whole training run (split over the shards); sampling then uses CUDA
     # warm start of the undefended model (train.init_from: RUN or RUN@ROUND trained on the same
@@ -114,6 +117,7 @@ SETTABLE = (
     "shards",
     "guidance_scale",
     "caption_dropout",
+    "prediction_type",
     "init_from",
     "plus_init_from",
     "rounds",
@@ -295,6 +299,7 @@ def arm_config(size: Size, split: dict[str, Any], method: str) -> Any:
                 "text_conditional": True,
                 "max_text_length": size.max_text_length,
                 "caption_dropout": size.caption_dropout,
+                "prediction_type": size.prediction_type,
             },
             "method": method,
             "train": {
@@ -1273,6 +1278,8 @@ def model_summary(
     what = f"the {size_name} size's undefended model, {steps:,} steps"
     if size.init_from:
         what += f" ({size.train_steps:,} of them continuing {size.init_from})"
+    if size.prediction_type != "epsilon":
+        what += f", predicting {size.prediction_type}"
     timing = os.path.join(out, "baseline.timing.json")
     return {
         "size": size_name,
@@ -1366,12 +1373,15 @@ def render(s: dict[str, Any], plot_path: str) -> str:
     steps = f"{s.get('total_steps', c['train_steps']):,}"
     if c.get("init_from"):
         steps += f" ({c['train_steps']:,} of them continuing {c['init_from']})"
+    # summaries from before the field are epsilon-prediction models
+    predicting = "" if c.get("prediction_type", "epsilon") == "epsilon" else f", predicting {c['prediction_type']}"
     lines = [
         f"Command: `{s['command']}`",
         "",
         f"Model: `{c['preset']}` text-conditional UNet at {c['image_size']} px, {steps} steps at batch "
-        f"{c['batch_size']}, caption dropout {c['caption_dropout']}; {c['num_memorized']} memorized captions (each "
-        f"image x{c['duplicates']}), {c['num_single']} seen once, {c['num_heldout']} held out; "
+        f"{c['batch_size']}, caption dropout {c['caption_dropout']}{predicting}; "
+        f"{c['num_memorized']} memorized captions (each image x{c['duplicates']}), {c['num_single']} seen once, "
+        f"{c['num_heldout']} held out; "
         f"{c['gens_per_prompt']} generations per memorized prompt, {c['sample_steps']}-step DDIM, "
         f"**CFG {s['guidance_scale']}**.",
         "",

@@ -46,11 +46,11 @@ def test_size_set_overrides_typed_fields_and_refuses_unknown_ones():
     import argparse
 
     job = _job()
-    sets = ["caption_dropout=0.3", "preset=tiny", "init_from=runs/x@2", "rounds=8"]
+    sets = ["caption_dropout=0.3", "preset=tiny", "init_from=runs/x@2", "rounds=8", "prediction_type=v_prediction"]
     ns = argparse.Namespace(train_steps=None, sample_steps=None, size_set=sets)
     size = job.with_overrides(job.SIZES["cpu"], ns)
     assert size.caption_dropout == 0.3 and size.preset == "tiny" and size.init_from == "runs/x@2"
-    assert size.rounds == 8
+    assert size.rounds == 8 and size.prediction_type == "v_prediction"
     assert size.train_steps == job.SIZES["cpu"].train_steps
     for bad in (["max_text_length=3"], ["caption_dropout"], ["train_steps=many"]):
         with pytest.raises(SystemExit):
@@ -185,6 +185,12 @@ def test_arm_configs_split_the_steps_and_carry_the_warm_start(tmp_path):
         job.arm_config(gone, split, "iet-agc-plus")
     for cfg in (base, plus):
         assert cfg.model.caption_dropout == size.caption_dropout
+        assert cfg.model.prediction_type == size.prediction_type == "epsilon"
+    # the prediction target reaches both arms' configs; a target the model does not know is refused there
+    vpred = job.Size(**{**size.__dict__, "prediction_type": "v_prediction"})
+    assert job.arm_config(vpred, split, "iet-agc-plus").model.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="prediction_type"):
+        job.arm_config(job.Size(**{**size.__dict__, "prediction_type": "x0"}), split, "baseline")
     # an IET-AGC+ run to continue: both arms train train_steps more, each from its own source
     cont = job.Size(**{**size.__dict__, "plus_init_from": "runs/prss/iet-agc-plus"})
     plus2 = job.arm_config(cont, split, "iet-agc-plus")
