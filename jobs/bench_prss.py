@@ -132,8 +132,9 @@ SIZES = {
     # Measured (the regime and lever tables in BENCHMARKS.md): it copies its duplicated images
     # at CFG 1.5 (98% of generations) but turns them to colour noise from CFG 3 up, with or
     # without guidance rescale, dynamic thresholding, raw weights or a guidance interval; 20,000 steps of
-    # training move it towards the regime, slowly; caption dropout 0.4 moves it away and 0.1 towards it
-    # (8,000 / 12,000 steps at 0.1 ~ 12,000 / 20,000 at 0.2; BENCHMARKS.md; the published cpu results keep 0.2);
+    # training move it towards the regime, slowly; caption dropout 0.4 moves it away, 0.1 and 0.05 towards it
+    # (8,000 / 12,000 steps at 0.1 ~ 12,000 / 20,000 at 0.2; 8,000 at 0.05 ~ 12,000 at 0.1 at CFG 5-7.5) and
+    # v-prediction far away (BENCHMARKS.md; the published cpu results keep 0.2 and epsilon);
     # so the methods run at 1.5 (the 20,000-step model was also measured at 3 and 5: --size-set guidance_scale).
     "cpu": Size(16, "small", 24, 20, 1200, 200, 8000, 32, 1e-3, 4, 2, 50, 1.0, guidance_scale=1.5, caption_dropout=0.2),
     # ready, not run (no GPU was lent): a 25M UNet at 32 px, 100 memorized captions x20, 30,000 steps
