@@ -1273,6 +1273,11 @@ def total_steps(spec: str) -> int:
     return int(training_through(manifest, int(manifest["rounds_completed"]) if rnd is None else rnd)["train_steps"])
 
 
+def predicting(prediction_type: str) -> str:
+    """The model line's note on what the UNet predicts: nothing for epsilon (every published run before v)."""
+    return "" if prediction_type == "epsilon" else f", predicting {prediction_type}"
+
+
 def model_summary(
     size_name: str, size: Size, run: str, out: str, model_regime: Any, levers: Any, argv: list[str] | None
 ) -> dict[str, Any]:
@@ -1281,8 +1286,7 @@ def model_summary(
     what = f"the {size_name} size's undefended model, {steps:,} steps"
     if size.init_from:
         what += f" ({size.train_steps:,} of them continuing {size.init_from})"
-    if size.prediction_type != "epsilon":
-        what += f", predicting {size.prediction_type}"
+    what += predicting(size.prediction_type)
     timing = os.path.join(out, "baseline.timing.json")
     return {
         "size": size_name,
@@ -1376,13 +1380,13 @@ def render(s: dict[str, Any], plot_path: str) -> str:
     steps = f"{s.get('total_steps', c['train_steps']):,}"
     if c.get("init_from"):
         steps += f" ({c['train_steps']:,} of them continuing {c['init_from']})"
-    # summaries from before the field are epsilon-prediction models
-    predicting = "" if c.get("prediction_type", "epsilon") == "epsilon" else f", predicting {c['prediction_type']}"
     lines = [
         f"Command: `{s['command']}`",
         "",
         f"Model: `{c['preset']}` text-conditional UNet at {c['image_size']} px, {steps} steps at batch "
-        f"{c['batch_size']}, caption dropout {c['caption_dropout']}{predicting}; "
+        f"{c['batch_size']}, caption dropout {c['caption_dropout']}"
+        # summaries from before the field are epsilon-prediction models
+        f"{predicting(c.get('prediction_type', 'epsilon'))}; "
         f"{c['num_memorized']} memorized captions (each image x{c['duplicates']}), {c['num_single']} seen once, "
         f"{c['num_heldout']} held out; "
         f"{c['gens_per_prompt']} generations per memorized prompt, {c['sample_steps']}-step DDIM, "
