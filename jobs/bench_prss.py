@@ -98,7 +98,12 @@ class Size:
     # (the early-stopping frontier) are its rounds, so more rounds place E(a) more finely; the
     # IET-AGC+ arm then also migrates and re-augments more often (between each of its rounds)
     rounds: int = 4
+    # the captioned images: "emoji" (once-seen names: the published runs) or "shapes" (memshard.data.shapes:
+    # captions whose words recur, so held-out prompts can be followed, and per-image texture to copy)
+    source: str = "emoji"
 
+
+SOURCES = ("emoji", "shapes")  # the captioned sets a size may train on (memshard.data.prepare sources)
 
 # the model, data and sampling fields ``--size-set`` may change (calibration runs)
 SETTABLE = (
@@ -121,6 +126,7 @@ SETTABLE = (
     "init_from",
     "plus_init_from",
     "rounds",
+    "source",
 )
 
 
@@ -177,7 +183,7 @@ class BudgetSpent(Exception):
 
 
 def build_data(size: Size, out: str, seed: int = 0) -> dict[str, Any]:
-    """Emoji split into memorized (duplicated), single and held-out captions; training Parquet written."""
+    """The source's captions split into memorized (duplicated), single and held-out ones; training Parquet written."""
     from memshard.data import prepare
 
     path = os.path.join(out, "data")
@@ -185,6 +191,8 @@ def build_data(size: Size, out: str, seed: int = 0) -> dict[str, Any]:
     split_file = os.path.join(path, "split.json")
     shape = {k: getattr(size, k) for k in ("image_size", "num_memorized", "duplicates", "num_single", "num_heldout")}
     shape["distinct_ncc"] = DISTINCT_NCC
+    if size.source != "emoji":  # the published emoji runs' splits carry no source
+        shape["source"] = size.source
     if os.path.exists(split_file):
         split = json.loads(open(split_file).read())
         if split.get("shape", shape) != shape:
@@ -192,8 +200,8 @@ def build_data(size: Size, out: str, seed: int = 0) -> dict[str, Any]:
                 f"{out} holds data built for {split['shape']}, not {shape}: use another --out for this size"
             )
         return split
-    src = os.path.join(path, "emoji.parquet")
-    prepare("emoji", src, image_size=size.image_size, channels=3)
+    src = os.path.join(path, f"{size.source}.parquet")
+    prepare(size.source, src, image_size=size.image_size, channels=3)
     table = pq.read_table(src)
     caps = table.column("caption").to_pylist()
     # one row per distinct caption: a duplicated caption must mean one image
@@ -212,7 +220,7 @@ def build_data(size: Size, out: str, seed: int = 0) -> dict[str, Any]:
     need = size.num_memorized + size.num_single + size.num_heldout
     if len(perm) < need:
         raise SystemExit(
-            f"emoji has {len(perm)} captions with mutually distinct images (pixel NCC < {DISTINCT_NCC}) at "
+            f"{size.source} has {len(perm)} captions with mutually distinct images (pixel NCC < {DISTINCT_NCC}) at "
             f"{size.image_size} px; size needs {need}"
         )
     mem = perm[: size.num_memorized]
@@ -709,10 +717,10 @@ def late_calibration(mags: dict[str, np.ndarray], levels: list[dict[str, Any]]) 
 def candidate_providers(split: dict[str, Any], mem_caps: list[str]) -> dict[str, Any]:
     """The three candidate sources the benchmark reports, none of which may offer a memorized caption.
 
-    * bank: MiniLM nearest neighbours among every emoji caption except the memorized ones
-      (the spec's semantic search over a large caption pool);
+    * bank: MiniLM nearest neighbours among every caption of the source except the memorized
+      ones (the spec's semantic search over a large caption pool);
     * perturb: the rule-based paraphrases (word drops, swaps, synonyms);
-    * list: a user's list, here 25 captions of the same emoji category (seeded).
+    * list: a user's list, here 25 captions of the same label (emoji category, or shape) (seeded).
     """
     from memshard.models.text import load_text_encoder
     from memshard.prss.candidates import BankProvider, ListProvider, PerturbProvider
@@ -956,6 +964,8 @@ def with_overrides(size: Size, args: argparse.Namespace) -> Size:
             fields[key] = type(getattr(size, key))(value)
         except ValueError:
             raise SystemExit(f"--size-set {item!r}: {value!r} is not a {type(getattr(size, key)).__name__}") from None
+    if fields["source"] not in SOURCES:
+        raise SystemExit(f"--size-set source={fields['source']!r}: one of {', '.join(SOURCES)}")
     return Size(**fields)
 
 
@@ -1017,9 +1027,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     src = split["source"]
     mem_imgs, mem_caps = rows_of(src, split["memorized"], size.image_size)
     single_imgs, single_caps = rows_of(src, split["single"], size.image_size)
-    _, held_caps = rows_of(src, split["heldout"], size.image_size)
+    held_imgs, held_caps = rows_of(src, split["heldout"], size.image_size)
     train_imgs = np.concatenate([mem_imgs, single_imgs])
-    # The alignment judge is trained on every emoji pair (it is an evaluator, not the model
+    # The alignment judge is trained on every pair of the source (it is an evaluator, not the model
     # under test: more pairs make it a better judge); a seeded 10% is held out for its
     # retrieval accuracy.
     all_t = pq.read_table(src)
@@ -1029,6 +1039,15 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     console.print(
         f"alignment model: {align.name}; held-out top-1 {align.info.get('holdout_top1'):.2f} "
         f"(chance {align.info.get('holdout_chance_top1'):.2f}); copy threshold {judge.calibration['threshold']:.3f}"
+    )
+    # what following a prompt perfectly scores: the real images with their own captions
+    reference = cached(
+        args.out,
+        "reference-alignment",
+        lambda: {
+            "memorized": float(np.mean(align.score(mem_imgs, mem_caps))),
+            "heldout": float(np.mean(align.score(held_imgs, held_caps))),
+        },
     )
     caps = {"memorized": mem_caps, "heldout": held_caps}
     pipe = on_device(load_served_t2i(os.path.join(plain_run, "served")))
@@ -1057,6 +1076,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     )
     if args.stage == "model":
         summary = model_summary(args.size, size, plain_run, args.out, model_regime, levers, argv)
+        summary["reference_alignment"] = reference
         write_json(os.path.join(args.out, MODEL_SUMMARY), summary)
         plots = "regime.png" + ("" if levers is None else ", regime-levers.png")
         console.print(f"wrote {args.out}/{MODEL_SUMMARY}, {plots}")
@@ -1230,6 +1250,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "extractor": judge.extractor.name,
         "regime": model_regime,
         "regime_levers": levers,
+        "reference_alignment": reference,
         "detection": det,
         "calibration": cal,
         "levels": levels,
@@ -1287,6 +1308,8 @@ def model_summary(
     if size.init_from:
         what += f" ({size.train_steps:,} of them continuing {size.init_from})"
     what += predicting(size.prediction_type)
+    if size.source != "emoji":
+        what += f", trained on {size.source}"
     timing = os.path.join(out, "baseline.timing.json")
     return {
         "size": size_name,
@@ -1348,6 +1371,13 @@ def _regime_tables(s: dict[str, Any]) -> list[str]:
             f"{m.get('images_copied', float('nan')):.0%} | {m['copy_mean']:.3f} | {m['alignment']:.3f} | "
             f"{h['memorized_fraction']:.1%} | {h['copy_over']:.1%} | {h['alignment']:.3f} |"
         )
+    ref = s.get("reference_alignment")
+    if ref:  # summaries published before it was measured have none
+        lines += [
+            "",
+            f"Alignment of the real images with their own captions (a generation that follows its prompt "
+            f"perfectly): memorized {ref['memorized']:.3f}, held-out {ref['heldout']:.3f}.",
+        ]
     if s.get("regime_levers"):
         lines += [
             "",

@@ -40,7 +40,7 @@ class DataConfig(_Section):
     path: str | None = Field(
         None, description="Parquet file or directory (local path or s3://) with id/image[/label/caption]."
     )
-    source: Literal["digits", "fashion-mnist", "emoji"] | None = Field(
+    source: Literal["digits", "fashion-mnist", "emoji", "shapes"] | None = Field(
         None, description="Built-in source, prepared into RUN/data/ when `path` is not given."
     )
     image_size: int = Field(32, ge=4, le=4096, description="Height = width every image must have.")

@@ -47,12 +47,13 @@ def test_size_set_overrides_typed_fields_and_refuses_unknown_ones():
 
     job = _job()
     sets = ["caption_dropout=0.3", "preset=tiny", "init_from=runs/x@2", "rounds=8", "prediction_type=v_prediction"]
+    sets.append("source=shapes")
     ns = argparse.Namespace(train_steps=None, sample_steps=None, size_set=sets)
     size = job.with_overrides(job.SIZES["cpu"], ns)
     assert size.caption_dropout == 0.3 and size.preset == "tiny" and size.init_from == "runs/x@2"
-    assert size.rounds == 8 and size.prediction_type == "v_prediction"
+    assert size.rounds == 8 and size.prediction_type == "v_prediction" and size.source == "shapes"
     assert size.train_steps == job.SIZES["cpu"].train_steps
-    for bad in (["max_text_length=3"], ["caption_dropout"], ["train_steps=many"]):
+    for bad in (["max_text_length=3"], ["caption_dropout"], ["train_steps=many"], ["source=cifar"]):
         with pytest.raises(SystemExit):
             job.with_overrides(job.SIZES["cpu"], argparse.Namespace(train_steps=None, sample_steps=None, size_set=bad))
 
@@ -63,6 +64,23 @@ def test_a_calibration_run_cannot_reuse_data_of_another_shape(real_emoji, tmp_pa
     other = job.Size(**{**job.SIZES["toy"].__dict__, "duplicates": 5})
     with pytest.raises(SystemExit, match="another --out"):
         job.build_data(other, str(tmp_path))
+
+
+def test_a_shapes_split_holds_out_unseen_combinations_and_is_kept_apart_from_emoji(real_emoji, tmp_path):
+    import pyarrow.parquet as pq
+
+    job = _job()
+    size = job.Size(**{**job.SIZES["toy"].__dict__, "source": "shapes"})
+    split = job.build_data(size, str(tmp_path / "shapes"))
+    assert split["shape"]["source"] == "shapes" and split["source"].endswith("shapes.parquet")
+    train_caps = set(pq.read_table(split["train"]).column("caption").to_pylist())
+    src_caps = pq.read_table(split["source"]).column("caption").to_pylist()
+    held = {src_caps[i] for i in split["heldout"]}
+    assert held and not held & train_caps
+    assert all("background" in c for c in train_caps | held)
+    job.build_data(job.SIZES["toy"], str(tmp_path / "emoji"))
+    with pytest.raises(SystemExit, match="another --out"):  # an emoji --out never silently becomes shapes
+        job.build_data(size, str(tmp_path / "emoji"))
 
 
 @pytest.mark.ray
@@ -268,6 +286,9 @@ def test_a_model_stage_summary_renders_its_regime_tables():
     assert "a calibration run" in md and "| 7.5 | 10.0% | 50.0% |" in md
     assert "| 7.5 | guidance rescale 0.7 | 50.0% |" in md
     assert "Memorized prompts, same seeds" not in md
+    assert "own captions" not in md  # summaries published before the reference was measured
+    md = job.render({**s, "reference_alignment": {"memorized": 0.512, "heldout": 0.487}}, "unused.png")
+    assert "memorized 0.512, held-out 0.487" in md
 
 
 def test_dominance_names_who_beats_whom_on_the_privacy_alignment_plot():

@@ -26,7 +26,7 @@ from memshard.data.dataset import DataError
 from memshard.data.images import encode_png
 from memshard.io.storage import Storage, filesystem, is_remote
 
-BUILTIN_SOURCES = ("digits", "fashion-mnist", "emoji")
+BUILTIN_SOURCES = ("digits", "fashion-mnist", "emoji", "shapes")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 ROW_GROUP_SIZE = 1024
@@ -345,6 +345,22 @@ def _from_emoji(image_size: int | None, channels: int | None, limit: int | None)
     )
 
 
+def _from_shapes(image_size: int | None, channels: int | None, limit: int | None) -> _Rows:
+    """The synthetic compositional set (:mod:`memshard.data.shapes`): captioned, labelled by shape, seeded."""
+    from memshard.data.shapes import SHAPES, shapes_rows
+
+    images, captions, labels = shapes_rows(limit)
+    size, ch = image_size or 64, channels or 3
+    return _Rows(
+        images=_encode_all(images, ch, size),
+        image_size=size,
+        channels=ch,
+        labels=labels,
+        num_classes=len(SHAPES),
+        captions=list(captions),
+    )
+
+
 def _as_nhwc_uint8(arr: np.ndarray, where: str) -> np.ndarray:
     """(N,H,W), (N,H,W,C) or (N,C,H,W) with C in {1,3}, uint8 or float in [0,1] -> uint8 (N,H,W[,3])."""
     if arr.ndim == 3:
@@ -625,6 +641,8 @@ def prepare(
         rows = _from_fashion_mnist(image_size, channels, limit)
     elif source == "emoji":
         rows = _from_emoji(image_size, channels, limit)
+    elif source == "shapes":
+        rows = _from_shapes(image_size, channels, limit)
     elif os.path.isdir(source):
         rows = _from_directory(source, image_size, channels, limit)
     elif source.lower().endswith((".npy", ".npz")):
