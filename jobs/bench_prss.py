@@ -717,8 +717,10 @@ def late_calibration(mags: dict[str, np.ndarray], levels: list[dict[str, Any]]) 
 def candidate_providers(split: dict[str, Any], mem_caps: list[str]) -> dict[str, Any]:
     """The three candidate sources the benchmark reports, none of which may offer a memorized caption.
 
-    * bank: MiniLM nearest neighbours among every caption of the source except the memorized
-      ones (the spec's semantic search over a large caption pool);
+    * bank: MiniLM nearest neighbours among a caption pool without the memorized captions
+      (the spec's semantic search over a large caption pool): every caption of the source for
+      emoji; for shapes every wording of every combination (:func:`~memshard.data.shapes.all_wordings`),
+      so, as in a web caption pool, other wordings of a memorized image's content are in it;
     * perturb: the rule-based paraphrases (word drops, swaps, synonyms);
     * list: a user's list, here 25 captions of the same label (emoji category, or shape) (seeded).
     """
@@ -728,7 +730,12 @@ def candidate_providers(split: dict[str, Any], mem_caps: list[str]) -> dict[str,
     t = pq.read_table(split["source"], columns=["caption", "label"])
     caps, labels = t.column("caption").to_pylist(), t.column("label").to_pylist()
     banned = set(mem_caps)
-    pool = [c for c in dict.fromkeys(caps) if c not in banned]
+    if split.get("shape", {}).get("source") == "shapes":
+        from memshard.data.shapes import all_wordings
+
+        pool = [c for c in all_wordings() if c not in banned]
+    else:
+        pool = [c for c in dict.fromkeys(caps) if c not in banned]
     enc = load_text_encoder("minilm", 64)
     rng = np.random.default_rng(0)
     lists = {}

@@ -571,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="convert images into the canonical Parquet dataset")
     pr.add_argument(
         "source",
-        help="digits | fashion-mnist | emoji (the captioned set scripts/setup.sh fetches) | an image folder | "
+        help="digits | fashion-mnist | emoji (the captioned set scripts/setup.sh fetches) | shapes (a synthetic "
+        "captioned set whose captions compose, drawn at prepare time) | an image folder | "
         "a .npy/.npz file | a .parquet file (an image column of encoded bytes; label/caption columns kept)",
     )
     pr.add_argument("--out", required=True, help="output Parquet path (local or s3://)")

@@ -78,6 +78,14 @@ def test_a_shapes_split_holds_out_unseen_combinations_and_is_kept_apart_from_emo
     held = {src_caps[i] for i in split["heldout"]}
     assert held and not held & train_caps
     assert all("background" in c for c in train_caps | held)
+    # its prompt bank holds other wordings of a memorized caption's content, never the caption itself
+    mem = [src_caps[i] for i in split["memorized"]]
+    bank = job.candidate_providers(split, mem)["bank"]
+    assert not set(mem) & set(bank.bank) and len(bank.bank) > len(src_caps)
+    from memshard.data.shapes import TEMPLATES, caption, combinations
+
+    combo, t = next((c, t) for c in combinations() for t in range(len(TEMPLATES)) if caption(*c, template=t) == mem[0])
+    assert {caption(*combo, template=u) for u in range(len(TEMPLATES)) if u != t} <= set(bank.bank)
     job.build_data(job.SIZES["toy"], str(tmp_path / "emoji"))
     with pytest.raises(SystemExit, match="another --out"):  # an emoji --out never silently becomes shapes
         job.build_data(size, str(tmp_path / "emoji"))

@@ -68,6 +68,15 @@ def caption(fg: str, shape: str, pos: str, bg: str, template: int = 0) -> str:
     return TEMPLATES[template].format(fg=fg, shape=shape, pos=pos, bg=bg, a_fg=_article(fg), a_bg=_article(bg))
 
 
+def all_wordings() -> list[str]:
+    """Every caption the templates can word (each combination in every template): a caption pool.
+
+    A prompt bank for PRSS's semantic search, as a web caption pool would be: it holds other
+    wordings of any training image's content, which the set itself (one wording per image) does not.
+    """
+    return [caption(*c, template=t) for c in combinations() for t in range(len(TEMPLATES))]
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
