@@ -754,13 +754,15 @@ def thresholds(lv: dict[str, Any]) -> dict[str, float]:
 
 
 def method_arms(
-    levels: list[dict[str, Any]], mid: dict[str, Any], late: dict[str, Any] | None = None
+    levels: list[dict[str, Any]], mid: dict[str, Any], late: dict[str, Any] | None = None, reword: bool = False
 ) -> list[tuple[str, str, Any, dict[str, Any]]]:
     """(name, method, level, sampler kwargs) of every arm, in the order they run (``none`` first).
 
     With ``late`` (:func:`late_calibration`), PRSS at every level with detection at its step, guidance
     switched from there (prss-late) or the image sampled again from x_T (prss-restart); new arms go
-    last, so a cached run computes only them.
+    last, so a cached run computes only them. With ``reword`` (a source whose captions have other
+    wordings: shapes), ``reworded``: plain CFG on another wording of each memorized caption, the
+    candidate a perfect semantic search would find (scored, like every arm, against the original).
     """
     by = {lv["defend"]: lv for lv in levels}
     arms: list[tuple[str, str, Any, dict[str, Any]]] = [("none", "none", None, {"prss": False})]
@@ -800,6 +802,8 @@ def method_arms(
              {"candidates": DEFAULT_PROVIDER, **thresholds(lv), "detect_step": late["detect_step"], "restart": restart})
             for lv in (late["levels"] if late else [])
         ]  # fmt: skip
+    if reword:
+        arms.append(("reworded", "reworded", None, {"prss": False, "reword": True}))
     return arms
 
 
@@ -1115,7 +1119,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     mid = next(lv for lv in levels if lv["defend"] == MID_LEVEL)
     late = late_calibration(mags, levels)
     providers = candidate_providers(split, mem_caps)
-    arms = method_arms(levels, mid, late)
+    reword = split.get("shape", {}).get("source") == "shapes"
+    arms = method_arms(levels, mid, late, reword=reword)
     results: list[dict[str, Any]] = []
     grids: dict[str, np.ndarray] = {}
     base_secs = None
@@ -1128,12 +1133,18 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         if os.path.exists(row_file):
             row, gen = json.loads(open(row_file).read()), np.load(gen_file)
         else:
-            gen, reps, secs = generate(pipe, m_prompts, m_seeds, steps, gs, **kw)
+            sampled = m_prompts
+            if kw.pop("reword", False):
+                from memshard.data.shapes import rewording
+
+                sampled = [rewording(p) for p in m_prompts]
+            gen, reps, secs = generate(pipe, sampled, m_seeds, steps, gs, **kw)
+            # scored against the ORIGINAL prompt, whatever was sampled
             row = {"name": name, "method": method, "level": lvl, **judge(gen, m_prompts, own), "seconds": secs}
             row["triggered"] = float(np.mean([r.get("triggered", False) for r in reps]))
             row["pr_steps"] = float(np.mean([r.get("pr_steps", 0) for r in reps]))
             row["moved"] = float(
-                np.mean([r.get("chosen_prompt", p) != p for r, p in zip(reps, m_prompts, strict=True)])
+                np.mean([r.get("chosen_prompt", q) != p for r, p, q in zip(reps, m_prompts, sampled, strict=True)])
             )
             os.makedirs(os.path.dirname(row_file), exist_ok=True)
             np.save(gen_file, gen)  # before the row: a row on disk always has its generations

@@ -346,3 +346,6 @@ def test_late_detection_picks_the_best_early_step_and_keeps_reanchoring_threshol
     assert [a[0] for a in arms[: len(job.method_arms(cal["levels"], cal["levels"][2]))]] == [
         a[0] for a in job.method_arms(cal["levels"], cal["levels"][2])
     ]  # new arms come last: a cached run's arms keep their names and order
+    reworded = job.method_arms(cal["levels"], cal["levels"][2], late, reword=True)
+    assert [a[0] for a in reworded[:-1]] == [a[0] for a in arms] and reworded[-1][0] == "reworded"
+    assert reworded[-1][3] == {"prss": False, "reword": True} and "reworded" not in [a[0] for a in arms]

@@ -79,3 +79,15 @@ def test_prepare_writes_a_seeded_captioned_shape_labelled_parquet(tmp_path):
 def test_unknown_shape_is_refused_by_name():
     with pytest.raises(ValueError, match=r"hexagon.*circle"):
         shape_mask("hexagon", 8, 8, 4, 16)
+
+
+def test_a_rewording_names_the_same_combination_in_another_template():
+    from memshard.data.shapes import TEMPLATES, caption, rewording
+
+    combo = ("orange", "ring", "in the middle", "white")
+    words = {caption(*combo, template=t) for t in range(len(TEMPLATES))}
+    for text in words:
+        other = rewording(text)
+        assert other in words and other != text
+    with pytest.raises(ValueError, match="no caption"):
+        rewording("a pretzel")

@@ -77,6 +77,18 @@ def all_wordings() -> list[str]:
     return [caption(*c, template=t) for c in combinations() for t in range(len(TEMPLATES))]
 
 
+def rewording(text: str) -> str:
+    """The same combination as caption ``text`` in the next template: what a user rewording a prompt by hand gives.
+
+    ValueError when ``text`` is no caption of this set.
+    """
+    for combo in combinations():
+        for t in range(len(TEMPLATES)):
+            if caption(*combo, template=t) == text:
+                return caption(*combo, template=(t + 1) % len(TEMPLATES))
+    raise ValueError(f"{text!r} is no caption of the shapes set")
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
