@@ -1,6 +1,7 @@
 """The inference-time benchmark: PRSS against undefended sampling and the published baselines.
 
-A text-to-image model is trained (plain training, one model) on emoji where a set of
+A text-to-image model is trained (plain training, one model) on emoji (or, with
+``--size-set source=shapes``, on :mod:`memshard.data.shapes`, whose captions compose) where a set of
 image-caption pairs is duplicated many times, as in LAION, so it memorizes them; other
 pairs appear once and a held-out set never. Then, on the memorized prompts, every method
 samples from the same seeds:
