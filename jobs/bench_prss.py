@@ -243,6 +243,11 @@ def build_data(size: Size, out: str, seed: int = 0) -> dict[str, Any]:
     return split
 
 
+def split_source(split: dict[str, Any]) -> str:
+    """The source a split was built from (splits from before the field are emoji)."""
+    return split.get("shape", {}).get("source", "emoji")
+
+
 def rows_of(src: str, idx: list[int], size: int) -> tuple[np.ndarray, list[str]]:
     """(uint8 NHWC images, captions) of source rows ``idx``."""
     from memshard.data import decode_image
@@ -731,7 +736,7 @@ def candidate_providers(split: dict[str, Any], mem_caps: list[str]) -> dict[str,
     t = pq.read_table(split["source"], columns=["caption", "label"])
     caps, labels = t.column("caption").to_pylist(), t.column("label").to_pylist()
     banned = set(mem_caps)
-    if split.get("shape", {}).get("source") == "shapes":
+    if split_source(split) == "shapes":
         from memshard.data.shapes import all_wordings
 
         pool = [c for c in all_wordings() if c not in banned]
@@ -1120,8 +1125,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     mid = next(lv for lv in levels if lv["defend"] == MID_LEVEL)
     late = late_calibration(mags, levels)
     providers = candidate_providers(split, mem_caps)
-    reword = split.get("shape", {}).get("source") == "shapes"
-    arms = method_arms(levels, mid, late, reword=reword)
+    arms = method_arms(levels, mid, late, reword=split_source(split) == "shapes")
     results: list[dict[str, Any]] = []
     grids: dict[str, np.ndarray] = {}
     base_secs = None

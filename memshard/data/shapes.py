@@ -20,6 +20,7 @@ shape. Nothing downloads: the set is drawn from ``seed`` at prepare time.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import cache
 
 import numpy as np
 from PIL import Image
@@ -74,19 +75,29 @@ def all_wordings() -> list[str]:
     A prompt bank for PRSS's semantic search, as a web caption pool would be: it holds other
     wordings of any training image's content, which the set itself (one wording per image) does not.
     """
-    return [caption(*c, template=t) for c in combinations() for t in range(len(TEMPLATES))]
+    return list(_wordings())
 
 
-def rewording(text: str) -> str:
-    """The same combination as caption ``text`` in the next template: what a user rewording a prompt by hand gives.
+@cache
+def _wordings() -> dict[str, tuple[tuple[str, str, str, str], int]]:
+    return {caption(*c, template=t): (c, t) for c in combinations() for t in range(len(TEMPLATES))}
+
+
+def parse(text: str) -> tuple[tuple[str, str, str, str], int]:
+    """(combination, template) of caption ``text``: the inverse of :func:`caption`.
 
     ValueError when ``text`` is no caption of this set.
     """
-    for combo in combinations():
-        for t in range(len(TEMPLATES)):
-            if caption(*combo, template=t) == text:
-                return caption(*combo, template=(t + 1) % len(TEMPLATES))
-    raise ValueError(f"{text!r} is no caption of the shapes set")
+    try:
+        return _wordings()[text]
+    except KeyError:
+        raise ValueError(f"{text!r} is no caption of the shapes set") from None
+
+
+def rewording(text: str) -> str:
+    """The same combination as caption ``text`` in the next template: what a user rewording a prompt by hand gives."""
+    combo, t = parse(text)
+    return caption(*combo, template=(t + 1) % len(TEMPLATES))
 
 
 def _article(word: str) -> str:
