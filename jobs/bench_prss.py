@@ -160,6 +160,8 @@ MID_LEVEL = 0.9
 # the bank did not beat the baselines' trade-off here, BENCHMARKS.md).
 PROVIDERS = ("bank", "perturb", "list")
 DEFAULT_PROVIDER = "bank"
+# shapes only: exact paraphrases as a user's list; PRSS at every level and SS alone with them
+PARAPHRASE = "paraphrase"
 # PRSS with fewer candidates scored (the spec's 25 is num_candidates' default): the cost of a triggered image
 FEW_CANDIDATES = 8
 # matched alignment for the combined system: within 5% of plain training's best (the frontier's 1.05 x FID)
@@ -700,6 +702,58 @@ def calibrate(mags: dict[str, np.ndarray], num_mem: int, g: int) -> dict[str, An
     }
 
 
+def search_choices(
+    pipe: Any,
+    providers: dict[str, Any],
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    levels: list[dict[str, Any]],
+    num_candidates: int = 25,
+) -> dict[str, list[dict[str, Any]]]:
+    """What semantic search has to choose from (shapes: every caption parses to its combination).
+
+    For each provider and level, of the memorized generations that trigger (m(ep) > lambda_ss
+    on their own x_T): ``with_below``, how many have a candidate under lambda_ss, so that SS
+    takes the first such (the provider's order: the bank's most similar); ``same_content``, how
+    many of those first-under candidates name the prompt's own combination (a paraphrase); the
+    rest fall back to the candidate of lowest magnitude, whatever it says. The same first-step
+    magnitudes :func:`memshard.prss.sampler.sample` scores.
+    """
+    from memshard.data.shapes import parse
+    from memshard.prss.sampler import first_step_magnitude
+
+    sc = dict(pipe.scheduler.config)
+    x_T = pipe.initial_noise(len(prompts), seeds=seeds)
+    m0 = first_step_magnitude(pipe.eps, pipe.encode_prompts, sc, prompts, x_T, steps).tolist()
+
+    def combo(text: str) -> Any:
+        try:
+            return parse(text)[0]
+        except ValueError:  # a perturbation is no caption of the set
+            return None
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name in (DEFAULT_PROVIDER, PARAPHRASE):
+        rows = [{"level": lv["defend"], "triggered": 0, "with_below": 0, "same_content": 0} for lv in levels]
+        for i, p in enumerate(prompts):
+            cands = providers[name](p, num_candidates)
+            if not cands:
+                continue
+            xs = x_T[i : i + 1].expand(len(cands), *x_T.shape[1:])
+            mc = first_step_magnitude(pipe.eps, pipe.encode_prompts, sc, cands, xs, steps).tolist()
+            for row, lv in zip(rows, levels, strict=True):
+                if m0[i] <= lv["lambda_ss"]:
+                    continue
+                row["triggered"] += 1
+                below = [c for c, m in zip(cands, mc, strict=True) if m <= lv["lambda_ss"]]
+                if below:
+                    row["with_below"] += 1
+                    row["same_content"] += int(combo(below[0]) == combo(p))
+        out[name] = rows
+    return out
+
+
 def late_calibration(mags: dict[str, np.ndarray], levels: list[dict[str, Any]]) -> dict[str, Any]:
     """Detection at a later step: the step of best AUC within the first quarter of the trajectory.
 
@@ -720,6 +774,22 @@ def late_calibration(mags: dict[str, np.ndarray], levels: list[dict[str, Any]]) 
     return {"detect_step": k, "window": window, "auc": by_step[k - 1], "levels": out}
 
 
+def per_step_levels(mags: dict[str, np.ndarray], levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each level with re-anchoring thresholds that follow m_t's per-step scale (``prss-perstep``).
+
+    :func:`memshard.prss.calibration.per_step_level` on the memorized trajectories of the
+    calibration seeds; the trigger (lambda_ss) is the level's own, so ``prss-perstep d`` differs from
+    its PRSS level in where along the trajectory it re-anchors.
+    """
+    from memshard.prss.calibration import per_step_level
+
+    out = []
+    for lv in levels:
+        ps = per_step_level(mags["mem"], lv["defend"], mags["held"][:, 0])
+        out.append({**ps, "lambda_ss": lv["lambda_ss"]})
+    return out
+
+
 def candidate_providers(split: dict[str, Any], mem_caps: list[str]) -> dict[str, Any]:
     """The three candidate sources the benchmark reports, none of which may offer a memorized caption.
 
@@ -728,7 +798,12 @@ def candidate_providers(split: dict[str, Any], mem_caps: list[str]) -> dict[str,
       emoji; for shapes every wording of every combination (:func:`~memshard.data.shapes.all_wordings`),
       so, as in a web caption pool, other wordings of a memorized image's content are in it;
     * perturb: the rule-based paraphrases (word drops, swaps, synonyms);
-    * list: a user's list, here 25 captions of the same label (emoji category, or shape) (seeded).
+    * list: a user's list, here 25 captions of the same label (emoji category, or shape) (seeded);
+    * paraphrase (shapes only): a user's list of exact paraphrases, the other wordings of the
+      caption (:func:`~memshard.data.shapes.paraphrases`), the paper's LLM paraphrases without
+      their errors. The bank ranks captions that swap a colour or move the shape above these
+      (MiniLM reads words, not their roles), so this provider separates "SS finds another
+      prompt" from "SS finds the same content in other words".
     """
     from memshard.models.text import load_text_encoder
     from memshard.prss.candidates import BankProvider, ListProvider, PerturbProvider
@@ -751,7 +826,12 @@ def candidate_providers(split: dict[str, Any], mem_caps: list[str]) -> dict[str,
         lists[c] = [same[i] for i in rng.permutation(len(same))[:25]]
     bank = BankProvider(pool, enc.embed)
     _ = bank.vectors  # embed the bank now: a one-time index build, not a cost of the first arm that searches it
-    return {"bank": bank, "perturb": PerturbProvider(seed=0), "list": ListProvider(lists)}
+    out = {"bank": bank, "perturb": PerturbProvider(seed=0), "list": ListProvider(lists)}
+    if split_source(split) == "shapes":
+        from memshard.data.shapes import paraphrases
+
+        out[PARAPHRASE] = ListProvider({c: paraphrases(c) for c in mem_caps})
+    return out
 
 
 def thresholds(lv: dict[str, Any]) -> dict[str, float]:
@@ -760,7 +840,11 @@ def thresholds(lv: dict[str, Any]) -> dict[str, float]:
 
 
 def method_arms(
-    levels: list[dict[str, Any]], mid: dict[str, Any], late: dict[str, Any] | None = None, reword: bool = False
+    levels: list[dict[str, Any]],
+    mid: dict[str, Any],
+    late: dict[str, Any] | None = None,
+    reword: bool = False,
+    perstep: list[dict[str, Any]] | None = None,
 ) -> list[tuple[str, str, Any, dict[str, Any]]]:
     """(name, method, level, sampler kwargs) of every arm, in the order they run (``none`` first).
 
@@ -768,7 +852,10 @@ def method_arms(
     switched from there (prss-late) or the image sampled again from x_T (prss-restart); new arms go
     last, so a cached run computes only them. With ``reword`` (a source whose captions have other
     wordings: shapes), ``reworded``: plain CFG on another wording of each memorized caption, the
-    candidate a perfect semantic search would find (scored, like every arm, against the original).
+    candidate a perfect semantic search would find (scored, like every arm, against the original),
+    then SS alone and PRSS at every level with those paraphrases as candidates (``PARAPHRASE``).
+    With ``perstep`` (:func:`per_step_levels`), ``prss-perstep``: PRSS at every level with per-step
+    re-anchoring thresholds, over the paraphrases where there are any, else the bank.
     """
     by = {lv["defend"]: lv for lv in levels}
     arms: list[tuple[str, str, Any, dict[str, Any]]] = [("none", "none", None, {"prss": False})]
@@ -810,6 +897,22 @@ def method_arms(
         ]  # fmt: skip
     if reword:
         arms.append(("reworded", "reworded", None, {"prss": False, "reword": True}))
+        arms.append(
+            (f"ss-{PARAPHRASE} {MID_LEVEL}", f"ss-{PARAPHRASE}", MID_LEVEL,
+             {"prss_mode": "ss", "candidates": PARAPHRASE, **thresholds(mid)})
+        )  # fmt: skip
+        arms += [
+            (f"prss-{PARAPHRASE} {lv['defend']}", f"prss-{PARAPHRASE}", lv["defend"],
+             {"candidates": PARAPHRASE, **thresholds(lv)})
+            for lv in levels
+        ]  # fmt: skip
+    if perstep:
+        provider = PARAPHRASE if reword else DEFAULT_PROVIDER
+        arms += [
+            (f"prss-perstep {lv['defend']}", "prss-perstep", lv["defend"],
+             {"candidates": provider, **thresholds(lv), "pr_profile": lv["pr_profile"]})
+            for lv in perstep
+        ]  # fmt: skip
     return arms
 
 
@@ -914,7 +1017,7 @@ def targets(
     base = results[0]
     ok = [
         r for r in results
-        if r["method"] in PRSS_METHODS and r["alignment"] >= 0.95 * base["alignment"]
+        if r["method"] in PRSS_CURVES and r["alignment"] >= 0.95 * base["alignment"]
     ]  # fmt: skip
     best = min(ok, key=lambda r: (r["copy_over"], r["memorized_fraction"], r["copy_mean"]), default=None)
     keys = ("copy_mean", "copy_over", "memorized_fraction", "alignment")
@@ -933,6 +1036,8 @@ def targets(
     if trig_alone and trig_alone.get("images"):
         out["time"]["triggered_alone_time_ratio"] = trig_alone["time_ratio"]
         out["time"]["triggered_alone_time_ratio_few_candidates"] = trig_alone.get("time_ratio_few_candidates")
+        if PARAPHRASE in trig_alone:
+            out["time"]["triggered_alone_time_ratio_paraphrase"] = trig_alone[PARAPHRASE]["time_ratio"]
     if combined:
         out.update(combined_targets(combined, frontier))
     return out
@@ -940,6 +1045,8 @@ def targets(
 
 BASELINE_METHODS = ("random_token", "gaussian_noise", "wen")
 PRSS_METHODS = ("prss", "prss-late", "prss-restart")  # PRSS at every level: the spec's trigger, then later ones
+# every PRSS curve over the levels (paraphrases: shapes only; per-step re-anchoring thresholds)
+PRSS_CURVES = (*PRSS_METHODS, f"prss-{PARAPHRASE}", "prss-perstep")
 
 
 def dominance(methods: list[dict[str, Any]], family: str = "prss") -> dict[str, list[str]]:
@@ -951,7 +1058,7 @@ def dominance(methods: list[dict[str, Any]], family: str = "prss") -> dict[str, 
     dominates (PRSS below the baselines' curve there); ``baselines_dominated``: baseline
     points some PRSS level dominates (PRSS above it). Both empty: the curves do not overlap
     or cross without either winning, which a reader sees in the plot. ``family``: which PRSS
-    curve (``prss``, or a variant of PRSS_METHODS).
+    curve (``prss``, or another of PRSS_CURVES).
     """
     from memshard.sweep import pareto_mask
 
@@ -1121,11 +1228,21 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         args.out, f"magnitudes-{tag}", lambda: trajectory_magnitudes(pipe, mem_caps, held_caps, g, steps, gs)
     )
     cal = cached(args.out, f"calibration-{tag}", lambda: calibrate(mags, len(mem_caps), g))
+    # Wen et al.'s other statistic: m_t averaged over the whole trajectory (known only once sampled)
+    from memshard.prss.mitigations import auc
+
+    cal["auc_mean_over_steps"] = round(auc(mags["mem"].mean(1), mags["held"].mean(1)), 4)
     levels = cal["levels"]
     mid = next(lv for lv in levels if lv["defend"] == MID_LEVEL)
     late = late_calibration(mags, levels)
     providers = candidate_providers(split, mem_caps)
-    arms = method_arms(levels, mid, late, reword=split_source(split) == "shapes")
+    perstep = per_step_levels(mags, levels)
+    arms = method_arms(levels, mid, late, reword=split_source(split) == "shapes", perstep=perstep)
+    choices = (
+        cached(args.out, f"search-{tag}", lambda: search_choices(pipe, providers, m_prompts, m_seeds, steps, levels))
+        if PARAPHRASE in providers
+        else None
+    )
     results: list[dict[str, Any]] = []
     grids: dict[str, np.ndarray] = {}
     base_secs = None
@@ -1197,37 +1314,62 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         args.out, f"untriggered-late-{tag}", lambda: {**untriggered_cost(late_kw, alone=False), "kind": "prss-late"}
     )
 
-    def triggered_cost() -> dict[str, Any]:
-        """The memorized generations PRSS triggers on (mid level), sampled as batches of their own:
-        the issue's x1.6 is about a triggered image, while the method arms' batches mix in untriggered
-        ones (whose bitwise guarantee keeps every branch). Best of 2 timings each (a shared machine)."""
+    def triggered_alone() -> tuple[list[str], list[int]]:
+        """The memorized generations PRSS triggers on (mid level): prompts and seeds, at most 64."""
         from memshard.prss.sampler import first_step_magnitude
 
         x_T = pipe.initial_noise(len(m_prompts), seeds=m_seeds)
         m0 = first_step_magnitude(pipe.eps, pipe.encode_prompts, pipe.scheduler.config, m_prompts, x_T, steps)
         idx = [i for i, m in enumerate(m0.tolist()) if m > mid["lambda_ss"]][:64]
-        if not idx:
-            return {"level": MID_LEVEL, "images": 0}
-        only, seeds_t = [m_prompts[i] for i in idx], [m_seeds[i] for i in idx]
-        best = {"prss": float("inf"), "few": float("inf"), "plain": float("inf")}
-        reps: list[dict[str, Any]] = []
+        return [m_prompts[i] for i in idx], [m_seeds[i] for i in idx]
+
+    def best_of_2(only: list[str], seeds_t: list[int], arms_kw: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Best of 2 timings (a shared machine) of each named sampler setting and of plain CFG, back to back;
+        also the reports of each setting's last run."""
+        best = {name: float("inf") for name in (*arms_kw, "plain")}
+        reps: dict[str, list[dict[str, Any]]] = {}
         for _ in range(2):
-            _, reps, t = generate(pipe, only, seeds_t, steps, gs, **mid_kw)
-            best["prss"] = min(best["prss"], t)
-            t = generate(pipe, only, seeds_t, steps, gs, **mid_kw, num_candidates=FEW_CANDIDATES)[2]
-            best["few"] = min(best["few"], t)
+            for name, kw in arms_kw.items():
+                _, reps[name], t = generate(pipe, only, seeds_t, steps, gs, **kw)
+                best[name] = min(best[name], t)
             best["plain"] = min(best["plain"], generate(pipe, only, seeds_t, steps, gs, prss=False)[2])
+        return {"seconds": best, "reports": reps}
+
+    def triggered_cost() -> dict[str, Any]:
+        """The triggered generations sampled as batches of their own: the issue's x1.6 is about a
+        triggered image, while the method arms' batches mix in untriggered ones (whose bitwise
+        guarantee keeps every branch)."""
+        only, seeds_t = triggered_alone()
+        if not only:
+            return {"level": MID_LEVEL, "images": 0}
+        t = best_of_2(only, seeds_t, {"prss": mid_kw, "few": {**mid_kw, "num_candidates": FEW_CANDIDATES}})
+        sec, reps = t["seconds"], t["reports"]["prss"]
         return {
             "level": MID_LEVEL,
-            "images": len(idx),
-            "time_ratio": best["prss"] / best["plain"],
+            "images": len(only),
+            "time_ratio": sec["prss"] / sec["plain"],
             "pr_steps": float(np.mean([r["pr_steps"] for r in reps])),
             "candidates_scored": float(np.mean([r["candidates_scored"] for r in reps])),
             "few_candidates": FEW_CANDIDATES,
-            "time_ratio_few_candidates": best["few"] / best["plain"],
+            "time_ratio_few_candidates": sec["few"] / sec["plain"],
         }
 
     triggered = cached(args.out, f"triggered-{tag}", triggered_cost)
+    if PARAPHRASE in providers:
+
+        def paraphrase_cost() -> dict[str, Any]:
+            """The same triggered images with the paraphrase list (a few candidates, as an LLM would write)."""
+            only, seeds_t = triggered_alone()
+            t = best_of_2(only, seeds_t, {"prss": {**mid_kw, "candidates": providers[PARAPHRASE]}})
+            reps = t["reports"]["prss"]
+            return {
+                "time_ratio": t["seconds"]["prss"] / t["seconds"]["plain"],
+                "pr_steps": float(np.mean([r["pr_steps"] for r in reps])),
+                "candidates_scored": float(np.mean([r.get("candidates_scored", 0) for r in reps])),
+            }
+
+        if triggered.get("images"):
+            triggered[PARAPHRASE] = cached(args.out, f"triggered-{PARAPHRASE}-{tag}", paraphrase_cost)
 
     # ---- the combined system: IET-AGC+ training, then PRSS calibrated on that model
     combined, frontier = None, None
@@ -1278,7 +1420,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         "calibration": cal,
         "levels": levels,
         "late_detection": late,
+        "per_step_levels": perstep,
         "default_provider": DEFAULT_PROVIDER,
+        "search_choices": choices,
         "methods": results,
         "untriggered": untriggered,
         "triggered_alone": triggered,
@@ -1472,7 +1616,22 @@ def render(s: dict[str, Any], plot_path: str) -> str:
             f"{r['alignment'] / base['alignment'] - 1:+.1%} | "
             f"{r['triggered']:.0%} | x{r['time_ratio']:.2f} |"
         )
-    for fam in [m for m in PRSS_METHODS if any(r["method"] == m for r in s["methods"])]:
+    choices = s.get("search_choices")
+    if choices:
+        lines += [
+            "",
+            "What semantic search chose from (memorized generations that trigger; SS takes the first candidate "
+            "under lambda_ss in the provider's order, else the one of lowest magnitude):",
+            "",
+            "| candidates | level | triggered | a candidate under lambda_ss | the first of them is a paraphrase |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {r['level']} | {r['triggered']} | {r['with_below']} | {r['same_content']} |"
+            for name, rows in choices.items()
+            for r in rows
+        ]
+    for fam in [m for m in PRSS_CURVES if any(r["method"] == m for r in s["methods"])]:
         dom = dominance(s["methods"], fam)
         lines += [
             "",
@@ -1480,6 +1639,19 @@ def render(s: dict[str, Any], plot_path: str) -> str:
             f"levels a baseline beats: {', '.join(dom['prss_dominated']) or 'none'}; baseline points a {fam} "
             f"level beats: {', '.join(dom['baselines_dominated']) or 'none'}.",
         ]
+    within = (s.get("targets") or {}).get("prss_within_5pct_alignment")
+    lines += [
+        "",
+        "The issue's first target (a PRSS level within 5% of the undefended alignment, copies 66% lower): "
+        + (
+            f"best {within['name']}: copy similarity's excess over distinct images "
+            f"{_pct(-within['copy_excess_reduction'])} (the raw mean {_pct(-within['copy_reduction'])}), copied share "
+            f"{_pct(None if within['copied_reduction'] is None else -within['copied_reduction'])}, alignment "
+            f"{within['alignment_change']:+.1%}."
+            if within
+            else "no PRSS level keeps within 5% of the alignment."
+        ),
+    ]
     lines += [
         "",
         "Levels are the share of memorized prompts to defend (thresholds from those prompts' own undefended "
@@ -1495,6 +1667,19 @@ def render(s: dict[str, Any], plot_path: str) -> str:
         f"{lv['memorized_triggered']:.0%} | {lv.get('heldout_triggered', float('nan')):.0%} |"
         for lv in s["levels"]
     ]
+    perstep = s.get("per_step_levels")
+    if perstep and any(r["method"] == "prss-perstep" for r in s["methods"]):
+        prof = perstep[0]["pr_profile"]
+        paraphrased = any(r["method"] == f"prss-{PARAPHRASE}" for r in s["methods"])
+        lines += [
+            "",
+            "prss-perstep: the same triggers, re-anchoring at step t when m_t > lambda_pr x profile[t] (tau "
+            "likewise); the profile is the memorized trajectories' median m_t per step over its median "
+            f"(x{prof[0]:.2f} at step 1, x{prof[len(prof) // 2]:.2f} at step {len(prof) // 2 + 1}, "
+            f"x{max(prof):.2f} at most); lambda_pr by level: "
+            + ", ".join(f"{lv['defend']}: {lv['lambda_pr']:.3f}" for lv in perstep)
+            + f"; candidates: {'paraphrases' if paraphrased else s['default_provider']}.",
+        ]
     late_det = (s.get("late_detection") or {}).get("detection")
     lines += [
         "",
@@ -1522,7 +1707,14 @@ def render(s: dict[str, Any], plot_path: str) -> str:
             "",
             f"The same magnitude read later in the trajectory (calibration seeds, one trajectory per seed): AUC "
             f"{by_step[0]:.3f} at step 1, {by_step[len(by_step) // 2]:.3f} at step {len(by_step) // 2 + 1}, best "
-            f"{by_step[k]:.3f} at step {k + 1} of {len(by_step)}.",
+            f"{by_step[k]:.3f} at step {k + 1} of {len(by_step)}"
+            + (
+                f"; averaged over all steps (Wen et al.'s statistic, known only after sampling) "
+                f"{s['calibration']['auc_mean_over_steps']:.3f}"
+                if "auc_mean_over_steps" in s["calibration"]
+                else ""
+            )
+            + ".",
         ]
     late = s.get("late_detection")
     if late and any(r["method"] in PRSS_METHODS[1:] for r in s["methods"]):
@@ -1570,7 +1762,14 @@ def render(s: dict[str, Any], plot_path: str) -> str:
             f"their own: x{t['time_ratio']:.2f} of plain CFG ({t['candidates_scored']:.0f} candidates scored, "
             f"re-anchored at {t['pr_steps']:.0f} of {s['config']['sample_steps']} steps; best of 2 timings); "
             f"x{t.get('time_ratio_few_candidates', float('nan')):.2f} scoring {t.get('few_candidates', '?')} "
-            "candidates.",
+            "candidates"
+            + (
+                f"; x{t[PARAPHRASE]['time_ratio']:.2f} with the paraphrase list "
+                f"({t[PARAPHRASE]['candidates_scored']:.0f} candidates scored)"
+                if PARAPHRASE in t
+                else ""
+            )
+            + ".",
         ]
     if s.get("combined"):
         own = s["targets"].get("combined_at_own_alignment") or {}
@@ -1652,11 +1851,14 @@ def plot(s: dict[str, Any], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     methods = list(dict.fromkeys(r["method"] for r in s["methods"]))
-    for m in methods:
+    colours = plt.get_cmap("tab20").colors  # one colour per method: more methods than the default cycle's 10
+    for i, m in enumerate(methods):
         rows = [r for r in s["methods"] if r["method"] == m]
         x, y = [r["copy_mean"] for r in rows], [r["alignment"] for r in rows]
         style = "*" if m == "none" else ("o-" if len(rows) > 1 else "s")
-        ax.plot(x, y, style, label=m, markersize=12 if m == "none" else 6, lw=2.5 if m == "prss" else 1.2)
+        lw = 2.5 if m in ("prss", f"prss-{PARAPHRASE}", "prss-perstep") else 1.2
+        ax.plot(x, y, style, label=m, color=colours[(2 * i) % 20 + (2 * i) // 20 % 2],
+                markersize=12 if m == "none" else 6, lw=lw)  # fmt: skip
         for r in rows if len(rows) > 1 else []:
             ax.annotate(str(r["level"]), (r["copy_mean"], r["alignment"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
@@ -1685,7 +1887,8 @@ def sample_grid(grids: dict[str, np.ndarray], train: np.ndarray, g: int, path: s
     from memshard.models.sampling import grid
 
     wanted = ("none", "random_token 4", "gaussian_noise 0.3", f"wen {MID_LEVEL}", f"ss {MID_LEVEL}", f"pr {MID_LEVEL}")
-    names = [n for n in (*wanted, f"prss {MID_LEVEL}", *(f"prss-{p} {MID_LEVEL}" for p in PROVIDERS)) if n in grids]
+    more = (f"prss {MID_LEVEL}", *(f"prss-{p} {MID_LEVEL}" for p in (*PROVIDERS, PARAPHRASE, "perstep")), "reworded")
+    names = [n for n in (*wanted, *more) if n in grids]
     tiles = []
     for i in range(min(rows, len(train))):
         tiles.append(train[i])

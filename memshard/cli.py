@@ -257,7 +257,7 @@ def cmd_sample_t2i(args: argparse.Namespace) -> int:
         # lambda_ss comes with the step it was calibrated at
         prss = prss.model_copy(
             update={**{k: calibration[k] for k in ("lambda_ss", "lambda_pr", "tau")},
-                    **calibration_detection(calibration)}
+                    "pr_profile": calibration.get("pr_profile"), **calibration_detection(calibration)}
         )  # fmt: skip
     updates = {
         "enabled": args.prss,
@@ -366,7 +366,7 @@ def cmd_calibrate_prss(args: argparse.Namespace) -> int:
         raise ConfigError(f"--detect-step {args.detect_step}: past the last of --steps {args.steps}")
     out = calibrate_run(
         args.run, q=args.quantile, defend=args.defend, num_prompts=args.num_prompts, steps=args.steps, seed=args.seed,
-        detect_step=args.detect_step,
+        detect_step=args.detect_step, per_step=not args.flat_pr,
     )  # fmt: skip
     if "defend" in out:
         what = (
@@ -378,7 +378,13 @@ def cmd_calibrate_prss(args: argparse.Namespace) -> int:
         what = f"quantile q={out['q']}"
     print(
         f"privacy level: {what}: lambda_ss={out['lambda_ss']:.4g} lambda_pr={out['lambda_pr']:.4g} "
-        f"tau={out['tau']:.4g}, detection at step {out['detect_step']} of {out['steps']}"
+        f"tau={out['tau']:.4g}"
+        + (
+            f" (x{min(out['pr_profile']):.2g} to x{max(out['pr_profile']):.2g} along the trajectory)"
+            if out.get("pr_profile")
+            else ""
+        )
+        + f", detection at step {out['detect_step']} of {out['steps']}"
         + (f" (AUC {out['detect_auc']:.3f}; step 1: {out['auc_by_step'][0]:.3f})" if "detect_auc" in out else "")
         + f" (from {out['reference']}); written to {args.run}/prss/calibration.json, "
         "used by `memshard sample` unless thresholds are given"
@@ -746,6 +752,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--detect-step", type=POSITIVE, help="the step whose magnitude triggers (default: the first-quarter step that "
         "best separates duplicated from once-seen captions; 1 without both)",
+    )  # fmt: skip
+    cal.add_argument(
+        "--flat-pr", action="store_true", help="one re-anchoring threshold for every step (the spec's rule) instead "
+        "of thresholds that follow the magnitude's per-step scale (pr_profile; --defend levels only)",
     )  # fmt: skip
     cal.set_defaults(func=cmd_calibrate_prss)
 

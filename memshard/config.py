@@ -177,12 +177,23 @@ class PRSSConfig(_Section):
         description="With detect_step > 1: sample a triggered image again from x_T with the chosen prompt "
         "(costs detect_step - 1 extra steps) instead of switching guidance from the detection step on.",
     )
+    pr_profile: list[float] | None = Field(
+        None,
+        description="Per-step multipliers of lambda_pr and tau, first step to last (a sampler with another step "
+        "count reads the same share of its trajectory). None: one lambda_pr at every step (the spec). "
+        "`memshard calibrate-prss` writes it: the memorized trajectories' median m_t per step over its median, "
+        "so re-anchoring follows m_t's growth along the trajectory (BENCHMARKS.md, PRSS 4d).",
+    )
 
     @model_validator(mode="after")
     def _thresholds(self) -> PRSSConfig:
         problem = reanchoring_problem(self.tau, self.lambda_pr, self.guidance_scale, self.mode)
         if problem is not None:
             raise ValueError(f"prss.{problem}")
+        if self.pr_profile is not None and (
+            not self.pr_profile or not all(v > 0 and math.isfinite(v) for v in self.pr_profile)
+        ):
+            raise ValueError("prss.pr_profile must hold one positive finite multiplier per step")
         if self.candidates == "bank" and self.bank is None:
             raise ValueError("prss.candidates=bank needs prss.bank (a prompt bank file)")
         return self

@@ -80,13 +80,21 @@ def test_a_shapes_split_holds_out_unseen_combinations_and_is_kept_apart_from_emo
     assert all("background" in c for c in train_caps | held)
     # its prompt bank holds other wordings of a memorized caption's content, never the caption itself
     mem = [src_caps[i] for i in split["memorized"]]
-    bank = job.candidate_providers(split, mem)["bank"]
+    providers = job.candidate_providers(split, mem)
+    bank = providers["bank"]
     assert not set(mem) & set(bank.bank) and len(bank.bank) > len(src_caps)
     from memshard.data.shapes import TEMPLATES, caption, parse
 
     combo, t = parse(mem[0])
-    assert {caption(*combo, template=u) for u in range(len(TEMPLATES)) if u != t} <= set(bank.bank)
-    job.build_data(job.SIZES["toy"], str(tmp_path / "emoji"))
+    others = [caption(*combo, template=(t + k) % len(TEMPLATES)) for k in range(1, len(TEMPLATES))]
+    assert set(others) <= set(bank.bank)
+    # the paraphrase provider offers exactly those other wordings, for memorized captions only
+    assert (
+        providers[job.PARAPHRASE](mem[0], 25) == others
+        and providers[job.PARAPHRASE](src_caps[split["heldout"][0]], 25) == []
+    )
+    esplit = job.build_data(job.SIZES["toy"], str(tmp_path / "emoji"))
+    assert job.PARAPHRASE not in job.candidate_providers(esplit, [])  # emoji captions have no other wordings
     with pytest.raises(SystemExit, match="another --out"):  # an emoji --out never silently becomes shapes
         job.build_data(size, str(tmp_path / "emoji"))
 
@@ -110,6 +118,8 @@ def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path, monkeypatc
     methods = {r["method"] for r in res["methods"]}
     assert {"random_token", "gaussian_noise", "wen", "pr", "ss", "prss", "prss-perturb", "prss-list"} <= methods
     assert f"prss-k{job.FEW_CANDIDATES}" in methods
+    assert [r["level"] for r in res["methods"] if r["method"] == "prss-perstep"] == list(job.DEFEND_LEVELS)
+    assert len(res["per_step_levels"][0]["pr_profile"]) == job.SIZES["toy"].sample_steps
     late = res["late_detection"]  # detection at a later step: a step of the first quarter, every level twice
     assert 1 <= late["detect_step"] <= late["window"] == max(1, int(job.SIZES["toy"].sample_steps * DETECT_WINDOW))
     for fam in ("prss-late", "prss-restart"):
@@ -347,5 +357,85 @@ def test_late_detection_picks_the_best_early_step_and_keeps_reanchoring_threshol
         a[0] for a in job.method_arms(cal["levels"], cal["levels"][2])
     ]  # new arms come last: a cached run's arms keep their names and order
     reworded = job.method_arms(cal["levels"], cal["levels"][2], late, reword=True)
-    assert [a[0] for a in reworded[:-1]] == [a[0] for a in arms] and reworded[-1][0] == "reworded"
-    assert reworded[-1][3] == {"prss": False, "reword": True} and "reworded" not in [a[0] for a in arms]
+    n = len(arms)
+    assert [a[0] for a in reworded[:n]] == [a[0] for a in arms] and reworded[n][0] == "reworded"
+    assert reworded[n][3] == {"prss": False, "reword": True} and "reworded" not in [a[0] for a in arms]
+    # then SS alone and PRSS at every level over exact paraphrases, each level's own thresholds
+    para = reworded[n + 1 :]
+    assert [(m, lv) for _, m, lv, _ in para] == [("ss-paraphrase", job.MID_LEVEL)] + [
+        ("prss-paraphrase", d) for d in job.DEFEND_LEVELS
+    ]
+    assert para[0][3]["prss_mode"] == "ss" and all(kw["candidates"] == job.PARAPHRASE for *_, kw in para)
+    for (*_, kw), lv in zip(para[1:], cal["levels"], strict=True):
+        assert kw["lambda_ss"] == lv["lambda_ss"] and kw["lambda_pr"] == lv["lambda_pr"] and "prss_mode" not in kw
+    assert "prss-paraphrase" in job.PRSS_CURVES and not any("paraphrase" in a[1] for a in arms)
+    # per-step re-anchoring thresholds: PRSS at every level, last, over the paraphrases where there are any
+    perstep = job.per_step_levels(mags, cal["levels"])
+    for lv, base in zip(perstep, cal["levels"], strict=True):
+        assert lv["lambda_ss"] == base["lambda_ss"] and len(lv["pr_profile"]) == steps
+    with_ps = job.method_arms(cal["levels"], cal["levels"][2], late, reword=True, perstep=perstep)
+    assert [a[0] for a in with_ps[: len(reworded)]] == [a[0] for a in reworded]
+    tail = with_ps[len(reworded) :]
+    assert [(m, lv) for _, m, lv, _ in tail] == [("prss-perstep", d) for d in job.DEFEND_LEVELS]
+    assert all(kw["candidates"] == job.PARAPHRASE and kw["pr_profile"] == lv["pr_profile"]
+               for (*_, kw), lv in zip(tail, perstep, strict=True))  # fmt: skip
+    assert job.method_arms(cal["levels"], cal["levels"][2], late, perstep=perstep)[-1][3]["candidates"] == "bank"
+
+
+def test_search_choices_counts_what_semantic_search_picks_from(real_emoji, tmp_path):
+    """On a real (untrained, seeded) tiny text-to-image pipeline over a shapes split."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from memshard.config import load_config
+    from memshard.models.unet import build_scheduler, build_unet
+    from memshard.prss.pipeline import load_served_t2i, write_served_t2i
+    from memshard.prss.sampler import first_step_magnitude
+
+    job = _job()
+    size = job.Size(**{**job.SIZES["toy"].__dict__, "source": "shapes"})
+    split = job.build_data(size, str(tmp_path / "shapes"))
+    cfg = load_config(
+        {
+            "data": {"path": split["train"], "image_size": 16, "channels": 3},
+            "model": {"preset": "tiny", "text_conditional": True, "max_text_length": 16},
+        }
+    )
+    torch.manual_seed(0)
+    write_served_t2i(
+        str(tmp_path / "served"), build_unet(cfg), dict(build_scheduler(cfg).config), cfg.model.model_dump()
+    )
+    pipe = load_served_t2i(str(tmp_path / "served"))
+    caps = pq.read_table(split["source"], columns=["caption"]).column("caption").to_pylist()
+    mem = [caps[i] for i in split["memorized"]][:3]
+    providers = job.candidate_providers(split, mem)
+    prompts, seeds = [c for c in mem for _ in range(2)], list(range(6))
+    m0 = first_step_magnitude(
+        pipe.eps, pipe.encode_prompts, dict(pipe.scheduler.config), prompts, pipe.initial_noise(6, seeds=seeds), 4
+    )
+    x_T = pipe.initial_noise(6, seeds=seeds)
+    # a threshold under which generation i has a paraphrase while its own prompt stays over it
+    under = []
+    for i, p in enumerate(prompts):
+        para = providers[job.PARAPHRASE](p, 8)
+        mc = first_step_magnitude(
+            pipe.eps, pipe.encode_prompts, dict(pipe.scheduler.config), para, x_T[i : i + 1].expand(2, -1, -1, -1), 4
+        )
+        under += [float(mc.min())] if float(mc.min()) < float(m0[i]) else []
+    assert under  # seeded: some generation's paraphrase has the lower magnitude
+    levels = [  # nothing triggers; a paraphrase is under; every generation triggers and no candidate is under
+        {"defend": 0.1, "lambda_ss": float(m0.max()) + 1.0},
+        {"defend": 0.5, "lambda_ss": under[0]},
+        {"defend": 0.99, "lambda_ss": -1.0},
+    ]
+    out = job.search_choices(pipe, providers, prompts, seeds, 4, levels, num_candidates=8)
+    assert set(out) == {job.DEFAULT_PROVIDER, job.PARAPHRASE}
+    for rows in out.values():
+        assert [r["level"] for r in rows] == [0.1, 0.5, 0.99]
+        assert rows[0]["triggered"] == 0 and rows[2]["triggered"] == 6 and rows[2]["with_below"] == 0
+        assert rows[1]["triggered"] == int((m0 > levels[1]["lambda_ss"]).sum())
+        for r in rows:
+            assert 0 <= r["same_content"] <= r["with_below"] <= r["triggered"]
+    # a paraphrase always names the prompt's own content
+    para = out[job.PARAPHRASE][1]
+    assert para["same_content"] == para["with_below"] > 0

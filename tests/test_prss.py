@@ -472,3 +472,47 @@ def test_defended_level_triggers_the_share_of_memorized_prompts_it_names():
             defended_level(mem_first, mem_steps, bad)
     with pytest.raises(ValueError, match="at least one memorized prompt"):
         defended_level([], mem_steps, 0.5)
+
+
+def test_pr_profile_scales_the_reanchoring_thresholds_step_by_step() -> None:
+    prompts = ["mem A", "safe B", "mem C"]
+    x_T = noise(3)
+    x_flat, rep_flat, _ = run(prompts, x_T)
+    # a profile of ones is the spec's rule, bit for bit
+    x_ones, rep_ones, _ = run(prompts, x_T, PRSSOptions(lambda_ss=10.0, lambda_pr=20.0, tau=40.0, pr_profile=(1.0,)))
+    assert torch.equal(x_ones, x_flat) and [r["pr_steps"] for r in rep_ones] == [r["pr_steps"] for r in rep_flat]
+    # C's ess (c2, m ~30) re-anchors where lambda_pr x profile is below 30: the first half of the steps here
+    prof = tuple([1.0] * (STEPS // 2) + [100.0] * (STEPS - STEPS // 2))
+    opt = PRSSOptions(lambda_ss=10.0, lambda_pr=20.0, tau=40.0, pr_profile=prof)
+    assert opt.pr_thresholds(0, STEPS) == (20.0, 40.0) and opt.pr_thresholds(STEPS - 1, STEPS) == (2000.0, 4000.0)
+    _, rep, _ = run(prompts, x_T, opt)
+    assert [r["pr_steps"] for r in rep] == [0, 0, STEPS // 2]
+    # a profile of another length reads the entry at the same share of the trajectory
+    two = PRSSOptions(lambda_ss=10.0, lambda_pr=20.0, tau=40.0, pr_profile=(1.0, 3.0))
+    assert two.pr_thresholds(0, 50) == (20.0, 40.0) and two.pr_thresholds(49, 50) == (60.0, 120.0)
+    for bad in ((), (1.0, 0.0), (1.0, float("nan"))):
+        with pytest.raises(ValueError, match="pr_profile"):
+            PRSSOptions(pr_profile=bad)
+
+
+def test_per_step_level_spreads_reanchoring_over_a_trajectory_whose_magnitude_grows():
+    """m_t 30x larger late than early: one pooled lambda_pr re-anchors late steps only, the per-step one every part."""
+    import numpy as np
+
+    from memshard.prss.calibration import TAU_RATIO, defended_level, per_step_level
+
+    rng = np.random.default_rng(0)
+    scale = np.geomspace(1.0, 30.0, 50)  # the per-step scale of m_t
+    mem = scale * rng.lognormal(0.0, 0.3, (200, 50))
+    pooled = defended_level(mem[:, 0], mem.ravel(), 0.5)
+    early, late = slice(0, 10), slice(40, 50)
+    assert np.mean(mem[:, early] > pooled["lambda_pr"]) == 0.0 and np.mean(mem[:, late] > pooled["lambda_pr"]) == 1.0
+    lv = per_step_level(mem, 0.5, rng.lognormal(0.0, 0.3, 100))
+    thr = lv["lambda_pr"] * np.asarray(lv["pr_profile"])
+    for part in (early, late):
+        assert np.mean(mem[:, part] > thr[part]) == pytest.approx(0.5, abs=0.1)
+    assert lv["lambda_ss"] == pooled["lambda_ss"] and lv["tau"] == pytest.approx(lv["lambda_pr"] * TAU_RATIO)
+    assert np.median(lv["pr_profile"]) == pytest.approx(1.0) and lv["pr_profile"][-1] > 20 * lv["pr_profile"][0]
+    assert 0.0 <= lv["heldout_triggered"] <= 1.0
+    with pytest.raises(ValueError, match="prompts, steps"):
+        per_step_level(mem.ravel(), 0.5)

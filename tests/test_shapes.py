@@ -82,12 +82,16 @@ def test_unknown_shape_is_refused_by_name():
 
 
 def test_a_rewording_names_the_same_combination_in_another_template():
-    from memshard.data.shapes import TEMPLATES, caption, rewording
+    from memshard.data.shapes import TEMPLATES, caption, paraphrases, rewording
 
     combo = ("orange", "ring", "in the middle", "white")
     words = {caption(*combo, template=t) for t in range(len(TEMPLATES))}
     for text in words:
         other = rewording(text)
         assert other in words and other != text
-    with pytest.raises(ValueError, match="no caption"):
-        rewording("a pretzel")
+        # the paraphrases: every other wording, once each, the rewording first
+        para = paraphrases(text)
+        assert set(para) == words - {text} and len(para) == len(TEMPLATES) - 1 and para[0] == other
+    for bad in (rewording, paraphrases):
+        with pytest.raises(ValueError, match="no caption"):
+            bad("a pretzel")

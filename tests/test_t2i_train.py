@@ -336,6 +336,30 @@ def test_calibrate_prss_defends_the_duplicated_captions_by_default(ray_cluster, 
     assert cal["lambda_ss"] < cal["first_step_quantiles"]["0.99"]  # the 0.1-quantile of the duplicated ones
     assert 0.5 <= cal["memorized_triggered"] <= 1.0 and 0.0 <= cal["heldout_triggered"] <= 1.0
     assert "defend 90% of the duplicated captions" in capsys.readouterr().out
+    # re-anchoring thresholds per step by default: one positive multiplier per step, median 1
+    prof = cal["pr_profile"]
+    assert len(prof) == 3 and all(v > 0 for v in prof) and sorted(prof)[1] == pytest.approx(1.0, rel=1e-4)
+    # which memshard sample and the server apply with the calibration's lambda_pr, and drop with an operator's
+    from memshard.serving.requests import server_prss
+
+    assert (
+        server_prss(run)[0].pr_profile == prof
+        and server_prss(run, {"lambda_pr": 50.0, "tau": 80.0})[0].pr_profile is None
+    )
+    # memshard sample applies the profile: with thresholds every image passes at every step, a profile that
+    # lifts lambda_pr out of reach leaves no step re-anchored, and a flat one re-anchors every step
+    store = tmp_path / "run" / "prss" / "calibration.json"
+    for scale, want in ((1e12, 0), (1.0, 3)):
+        store.write_text(json.dumps({**cal, "lambda_ss": 1e-6, "lambda_pr": 1e-6, "tau": 2e-6,
+                                     "pr_profile": [scale] * 3, "detect_step": 1}))  # fmt: skip
+        out = tmp_path / f"samples-{scale:g}"
+        assert main(["sample", run, "--prompt", "a red square", "--steps", "3", "--out", str(out)]) == 0
+        rep = _report(out / "report.jsonl")
+        assert rep[0]["triggered"] and rep[0]["pr_steps"] == want, scale
+    # --flat-pr: the spec's one threshold
+    assert main(["calibrate-prss", run, "--num-prompts", "4", "--steps", "3", "--flat-pr"]) == 0
+    flat = load_calibration(run)
+    assert "pr_profile" not in flat and flat["lambda_ss"] == cal["lambda_ss"] and server_prss(run)[0].pr_profile is None
 
 
 def test_bad_pipeline_or_encoder_is_refused_before_the_run_dir(ray_cluster, tmp_path):

@@ -94,10 +94,19 @@ def parse(text: str) -> tuple[tuple[str, str, str, str], int]:
         raise ValueError(f"{text!r} is no caption of the shapes set") from None
 
 
+def paraphrases(text: str) -> list[str]:
+    """Every other wording of caption ``text``'s combination, the next template first.
+
+    Exact paraphrases: what the PRSS paper's LLM is asked to write (same content, other words),
+    here without an LLM's errors, so a search over them is the ceiling of paraphrase candidates.
+    """
+    combo, t = parse(text)
+    return [caption(*combo, template=(t + k) % len(TEMPLATES)) for k in range(1, len(TEMPLATES))]
+
+
 def rewording(text: str) -> str:
     """The same combination as caption ``text`` in the next template: what a user rewording a prompt by hand gives."""
-    combo, t = parse(text)
-    return caption(*combo, template=(t + 1) % len(TEMPLATES))
+    return paraphrases(text)[0]
 
 
 def _article(word: str) -> str:

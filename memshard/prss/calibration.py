@@ -84,6 +84,35 @@ def defended_level(
     return out
 
 
+def per_step_level(
+    mem_steps: np.ndarray,
+    defend: float,
+    heldout_first: Sequence[float] | np.ndarray | None = None,
+    detect_step: int = 1,
+) -> dict[str, Any]:
+    """:func:`defended_level` with re-anchoring thresholds that follow the trajectory's own scale.
+
+    ``mem_steps``: memorized prompts' undefended trajectories, (prompts x seeds, steps). The
+    profile is the median m_t at each step over its median over all steps; lambda_pr is the
+    (1 - defend)-quantile of m_t / profile pooled over steps, so at step t the threshold is
+    lambda_pr * profile[t] (``pr_profile`` of :class:`~memshard.prss.sampler.PRSSOptions`) and
+    re-anchoring acts on about ``defend`` of a memorized trajectory's steps wherever they lie,
+    instead of on its late steps only when m_t grows along the trajectory. lambda_ss (the trigger)
+    is :func:`defended_level`'s, from m at ``detect_step`` (``heldout_first``: benign prompts' m
+    at that step).
+    """
+    ms = np.asarray(mem_steps, dtype=np.float64)
+    if ms.ndim != 2 or ms.size == 0:
+        raise ValueError(f"need memorized trajectories as a (prompts, steps) array, got shape {ms.shape}")
+    med = np.median(ms, axis=0)
+    profile = np.maximum(med / np.median(med), 1e-6)
+    if not 1 <= detect_step <= ms.shape[1]:
+        raise ValueError(f"detect_step {detect_step} is not a step of these {ms.shape[1]}-step trajectories")
+    out = defended_level(ms[:, detect_step - 1], ms / profile, defend, heldout_first)
+    out["pr_profile"] = [round(float(v), 6) for v in profile]
+    return out
+
+
 def reference_magnitudes(
     pipe: Any,
     prompts: Sequence[str],
@@ -137,6 +166,7 @@ def calibrate_run(
     defend: float | None = None,
     seeds_per_prompt: int = 2,
     detect_step: int | None = None,
+    per_step: bool = True,
 ) -> dict[str, Any]:
     """Calibrate a text-to-image run's thresholds on its own training captions; writes RUN/prss/calibration.json.
 
@@ -152,6 +182,12 @@ def calibrate_run(
     the once-seen ones (:func:`detection_step`), 1 when there is nothing to compare. lambda_ss
     is then calibrated on that step's magnitudes; ``memshard sample`` and the server apply the
     step with the thresholds.
+
+    ``per_step`` (the default; the defended level only): re-anchoring thresholds that follow m_t's
+    per-step scale (:func:`per_step_level`, written as ``pr_profile``); False: one lambda_pr for
+    every step, the spec's rule. On the PRSS benchmark's shapes model at CFG 3 the per-step form
+    reached alignment 0.67-0.71 where the one-threshold form reached 0.41-0.65, at the same
+    triggers (BENCHMARKS.md, PRSS 4d).
     """
     from memshard.data import load_captions
     from memshard.io.rundir import RunDir
@@ -192,10 +228,10 @@ def calibrate_run(
         detection: dict[str, Any] = {}
         if by_share:
             mem = [c for c in dup[:num_prompts] for _ in range(seeds_per_prompt)]
-            first, per_step = reference_magnitudes(
+            first, per_step_m = reference_magnitudes(
                 pipe, mem, list(range(len(mem))), steps, guidance_scale=guidance_scale
             )
-            mem_steps = per_step.reshape(len(mem), steps)
+            mem_steps = per_step_m.reshape(len(mem), steps)
             benign = pick(once) if once else []
             held_steps = (
                 reference_magnitudes(pipe, benign, list(range(len(benign))), steps, guidance_scale=guidance_scale)[
@@ -209,22 +245,24 @@ def calibrate_run(
                 best, by_step = detection_step(mem_steps, held_steps)
                 k = detect_step or best
                 detection = {"detect_auc": by_step[k - 1], "auc_by_step": by_step}
+            held_k = None if held_steps is None else held_steps[:, k - 1]
             out = {
-                **defended_level(
-                    mem_steps[:, k - 1], per_step, defend or DEFAULT_DEFEND,
-                    None if held_steps is None else held_steps[:, k - 1],
+                **(
+                    per_step_level(mem_steps, defend or DEFAULT_DEFEND, held_k, detect_step=k)
+                    if per_step
+                    else defended_level(mem_steps[:, k - 1], per_step_m, defend or DEFAULT_DEFEND, held_k)
                 ),
                 "reference": f"{min(len(dup), num_prompts)} most duplicated training captions x {seeds_per_prompt} "
                 f"seeds; cost on {len(benign)} once-seen captions",
             }  # fmt: skip
         else:
             chosen = pick(captions)
-            first, per_step = reference_magnitudes(
+            first, per_step_m = reference_magnitudes(
                 pipe, chosen, list(range(len(chosen))), steps, guidance_scale=guidance_scale
             )
             k = detect_step or 1
-            at_k = per_step.reshape(len(chosen), steps)[:, k - 1]
-            out = {**level(at_k, per_step, q or 0.95), "reference": f"{len(chosen)} training captions of the run"}
+            at_k = per_step_m.reshape(len(chosen), steps)[:, k - 1]
+            out = {**level(at_k, per_step_m, q or 0.95), "reference": f"{len(chosen)} training captions of the run"}
     out.update(
         {
             "detect_step": k,

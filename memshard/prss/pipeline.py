@@ -110,6 +110,7 @@ class PRSSMixin:
         num_candidates: int = 25,
         detect_step: int = 1,
         restart: bool = False,
+        pr_profile: Sequence[float] | None = None,
         seeds: Sequence[int] | None = None,
         mitigation: str | None = None,
         mitigation_params: dict[str, Any] | None = None,
@@ -143,7 +144,7 @@ class PRSSMixin:
             opts = PRSSOptions(
                 enabled=prss, mode=prss_mode, guidance_scale=guidance_scale, lambda_ss=lambda_ss,
                 lambda_pr=lambda_pr, tau=tau, num_candidates=num_candidates, detect_step=detect_step,
-                restart=restart,
+                restart=restart, pr_profile=None if pr_profile is None else tuple(pr_profile),
             )  # fmt: skip
             provider = make_provider(candidates) if isinstance(candidates, str) else candidates
             x, report = sample(self.eps, self.encode_prompts, sched, prompts, x_T, num_inference_steps, opts, provider)

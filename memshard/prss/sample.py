@@ -138,7 +138,7 @@ def sample_run(run: str, req: SampleRequest, out: str) -> list[dict[str, Any]]:
             prompts[sl], num_inference_steps=req.steps, guidance_scale=p.guidance_scale, output_type="pt",
             prss=p.enabled, lambda_ss=p.lambda_ss, lambda_pr=p.lambda_pr, tau=p.tau, prss_mode=p.mode,
             candidates=cands, num_candidates=p.num_candidates, seeds=seeds[sl],
-            detect_step=p.detect_step, restart=p.restart,
+            detect_step=p.detect_step, restart=p.restart, pr_profile=p.pr_profile,
             mitigation=req.mitigation, mitigation_params=req.mitigation_params,
         )  # fmt: skip
         batch = to_uint8(res.images)

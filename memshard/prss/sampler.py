@@ -49,6 +49,7 @@ With no candidate at all, ess = ep: re-anchoring then only weakens the guidance 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -90,6 +91,13 @@ class PRSSOptions:
     num_candidates: int = _DEFAULTS.num_candidates
     detect_step: int = _DEFAULTS.detect_step
     restart: bool = _DEFAULTS.restart
+    # Per-step multipliers of lambda_pr and tau, from the first step to the last (any length: step i
+    # of n reads the entry at the same share of the trajectory). None: the same thresholds at every
+    # step, the spec's rule. Why: m_t can grow many-fold along a trajectory (about 30x on the PRSS
+    # benchmark's shapes model), so one lambda_pr re-anchors only the late steps at light levels;
+    # thresholds that follow the memorized trajectories' own per-step scale
+    # (:func:`memshard.prss.calibration.per_step_level`) spread re-anchoring over the trajectory.
+    pr_profile: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -103,6 +111,18 @@ class PRSSOptions:
             raise ValueError("num_candidates must be >= 0")
         if self.detect_step < 1:
             raise ValueError(f"detect_step counts sampling steps from 1, got {self.detect_step}")
+        if self.pr_profile is not None:
+            prof = tuple(float(v) for v in self.pr_profile)
+            if not prof or not all(v > 0 and math.isfinite(v) for v in prof):
+                raise ValueError("pr_profile must hold one positive finite multiplier per step")
+            object.__setattr__(self, "pr_profile", prof)
+
+    def pr_thresholds(self, i: int, steps: int) -> tuple[float, float]:
+        """(lambda_pr, tau) at step ``i`` (from 0) of ``steps``: scaled by ``pr_profile`` where given."""
+        if self.pr_profile is None:
+            return self.lambda_pr, self.tau
+        k = round(i * (len(self.pr_profile) - 1) / max(steps - 1, 1))
+        return self.lambda_pr * self.pr_profile[k], self.tau * self.pr_profile[k]
 
     @classmethod
     def from_config(cls, cfg: Any, **overrides: Any) -> PRSSOptions:
@@ -301,6 +321,7 @@ def _trajectory(
         x_in = sched.scale_model_input(x, t)
         tt = _tt(t, n, device)
         all_trig = len(trig) == n and i > first_guided
+        lambda_pr, tau = opt.pr_thresholds(i, steps)
         eps_ss_rows: torch.Tensor | None = None
         if all_trig and opt.mode == "ss":
             # Nothing to preserve bitwise: one call with the guiding prompt of every image.
@@ -323,7 +344,7 @@ def _trajectory(
             if anchored:
                 a = torch.tensor(anchored, device=device, dtype=torch.long)
                 eps_ss_rows = eps_p[a]
-                hit = a[magnitude(eps_ss_rows, eps_0[a]) > opt.lambda_pr]
+                hit = a[magnitude(eps_ss_rows, eps_0[a]) > lambda_pr]
                 if len(hit):
                     eps_p = eps_p.clone()
                     eps_p[hit] = eps_fn(x_in[hit], tt[hit], ep.index(hit))
@@ -366,7 +387,9 @@ def _trajectory(
                     reports[r]["m_steps"].append(m_p[r])
         if trig:
             eps = eps.clone()
-            guided, m_t = _defended_eps(opt, trig, anchored, eps_0, eps_p, eps_ss_rows, reports, record_steps)
+            guided, m_t = _defended_eps(
+                opt, (lambda_pr, tau), trig, anchored, eps_0, eps_p, eps_ss_rows, reports, record_steps
+            )
             eps[torch.tensor(trig, device=device)] = guided
             if i == first_guided and opt.mode == "pr":  # pr scores nothing: report ess's m from this step
                 for r, v in zip(trig, m_t.tolist(), strict=True):
@@ -451,6 +474,7 @@ def _choose(
 
 def _defended_eps(
     opt: PRSSOptions,
+    thresholds: tuple[float, float],
     trig: list[int],
     anchored: list[int],
     eps_0: torch.Tensor,
@@ -459,7 +483,10 @@ def _defended_eps(
     reports: list[dict[str, Any]],
     record_steps: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The guided eps of the triggered rows (in ``trig`` order) for one step, and their m_t."""
+    """The guided eps of the triggered rows (in ``trig`` order) for one step, and their m_t.
+
+    ``thresholds``: this step's (lambda_pr, tau) (:meth:`PRSSOptions.pr_thresholds`).
+    """
     device = eps_0.device
     ti = torch.tensor(trig, device=device)
     e0, ep = eps_0[ti], eps_p[ti]
@@ -474,8 +501,9 @@ def _defended_eps(
     plain = cfg_eps(e0, ess, opt.guidance_scale)
     if opt.mode == "ss":
         return plain, m_t
-    s_pr = reanchor_scale(m_t, opt.guidance_scale, opt.lambda_pr, opt.tau).to(device)
-    active = m_t > opt.lambda_pr
+    lambda_pr, tau = thresholds
+    s_pr = reanchor_scale(m_t, opt.guidance_scale, lambda_pr, tau).to(device)
+    active = m_t > lambda_pr
     for r, hit in zip(trig, active.tolist(), strict=True):
         reports[r]["pr_steps"] += int(hit)
     re = reanchored_eps(ep, ess, e0, opt.guidance_scale, s_pr)

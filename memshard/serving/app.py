@@ -484,12 +484,15 @@ class MemshardServer:
         providers = [self.bank or PerturbProvider(seed=j.seed) for j in jobs for _ in j.prompts]
         head = jobs[0]
         th = head.thresholds or {k: getattr(self.prss, k) for k in THRESHOLDS}
+        # the server's per-step shape of lambda_pr applies to its own lambda_pr, not to a request's
+        profile = self.prss.pr_profile if th["lambda_pr"] == self.prss.lambda_pr else None
         res = self.pipe(
             prompts, num_inference_steps=head.steps, guidance_scale=head.guidance_scale, output_type="pt",
             prss=head.prss, lambda_ss=th["lambda_ss"], lambda_pr=th["lambda_pr"], tau=th["tau"],
             prss_mode=self.prss.mode, candidates=_PerImageCandidates(prompts, providers, self.prss.num_candidates),
             num_candidates=self.prss.num_candidates, seeds=seeds, restart=self.prss.restart,
             detect_step=scale_detect_step(self.prss.detect_step, self.detect_ref_steps, head.steps),
+            pr_profile=profile,
         )  # fmt: skip
         return res.images, res.report
 

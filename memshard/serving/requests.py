@@ -88,6 +88,11 @@ def server_prss(run: str, overrides: dict[str, float | None] | None = None) -> t
         if value is not None:
             values[key] = float(value)
             sources[key] = "server"
+    # a per-step shape of lambda_pr goes with the lambda_pr it came with; an operator's lambda_pr is flat
+    if sources["lambda_pr"] == "calibration":
+        values["pr_profile"] = calibration.get("pr_profile")  # type: ignore[union-attr]
+    elif sources["lambda_pr"] == "server":
+        values["pr_profile"] = None
     if calibration is not None and sources["lambda_ss"] == "calibration":
         # lambda_ss comes with the step it was calibrated at, and its step count: replicas never reread the file
         values.update(calibration_detection(calibration))
