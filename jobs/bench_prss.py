@@ -1376,15 +1376,12 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if plus_run is not None:
         pipe2 = on_device(load_served_t2i(os.path.join(plus_run, "served")))
 
-        def calibrate_plus() -> dict[str, Any]:
-            mags2 = cached_arrays(
-                args.out,
-                f"magnitudes-iet-agc-plus-{tag}",
-                lambda: trajectory_magnitudes(pipe2, mem_caps, held_caps, g, steps, gs),
-            )
-            return calibrate(mags2, len(mem_caps), g)
-
-        cal2 = cached(args.out, f"calibration-iet-agc-plus-{tag}", calibrate_plus)
+        mags2 = cached_arrays(
+            args.out,
+            f"magnitudes-iet-agc-plus-{tag}",
+            lambda: trajectory_magnitudes(pipe2, mem_caps, held_caps, g, steps, gs),
+        )
+        cal2 = cached(args.out, f"calibration-iet-agc-plus-{tag}", lambda: calibrate(mags2, len(mem_caps), g))
 
         def defended_model() -> dict[str, Any]:
             gen_a, _, _ = generate(pipe2, m_prompts, m_seeds, steps, gs, prss=False)
@@ -1395,9 +1392,20 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 rows[f"IET-AGC+ + PRSS {lv['defend']}"] = judge(gen_b, m_prompts, own)
             return rows
 
+        def defended_perstep() -> dict[str, Any]:
+            """PRSS with per-step re-anchoring thresholds on the IET-AGC+ model (paraphrases where there are any)."""
+            provider = providers[PARAPHRASE if PARAPHRASE in providers else DEFAULT_PROVIDER]
+            rows = {}
+            for lv in per_step_levels(mags2, cal2["levels"]):
+                kw = {**thresholds(lv), "pr_profile": lv["pr_profile"], "candidates": provider}
+                gen_c, _, _ = generate(pipe2, m_prompts, m_seeds, steps, gs, **kw)
+                rows[f"IET-AGC+ + PRSS-perstep {lv['defend']}"] = judge(gen_c, m_prompts, own)
+            return rows
+
         combined = {
             "plain + none": {k: v for k, v in results[0].items() if k not in ("name", "method", "level")},
             **cached(args.out, f"combined-{tag}", defended_model),
+            **cached(args.out, f"combined-perstep-{tag}", defended_perstep),
         }
         frontier = cached(
             args.out,
@@ -1849,7 +1857,7 @@ def plot(s: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
     methods = list(dict.fromkeys(r["method"] for r in s["methods"]))
     colours = plt.get_cmap("tab20").colors  # one colour per method: more methods than the default cycle's 10
     for i, m in enumerate(methods):
@@ -1869,13 +1877,16 @@ def plot(s: dict[str, Any], path: str) -> None:
         for p in pts:
             ax.annotate(f"{p['steps']:,}", (p["copy_mean"], p["alignment"]), fontsize=7, xytext=(3, -9),
                         textcoords="offset points")  # fmt: skip
-    plus = [r for k, r in (s.get("combined") or {}).items() if k.startswith("IET-AGC+")]
-    if plus:
-        ax.plot([r["copy_mean"] for r in plus], [r["alignment"] for r in plus], "^-", color="tab:red", lw=1.5,
-                label="IET-AGC+ model (+ PRSS levels)")  # fmt: skip
+    combined = s.get("combined") or {}
+    for key, colour, label in (("PRSS ", "black", "IET-AGC+ model (+ PRSS levels)"),
+                               ("PRSS-perstep ", "dimgray", "IET-AGC+ model + PRSS-perstep levels")):  # fmt: skip
+        plus = [r for k, r in combined.items() if k.startswith("IET-AGC+") and (key in k or k.endswith("none"))]
+        if plus:
+            ax.plot([r["copy_mean"] for r in plus], [r["alignment"] for r in plus], "^-", color=colour, lw=1.5,
+                    label=label)  # fmt: skip
     ax.set_xlabel(f"copy similarity, mean ({s['extractor']}; lower = more private)")
     ax.set_ylabel("alignment with the original prompt")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the plot: it hides no point
     ax.set_title(f"Memorized prompts at CFG {s['guidance_scale']}: privacy against alignment")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

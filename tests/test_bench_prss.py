@@ -160,6 +160,7 @@ def test_bench_prss_toy_end_to_end(real_emoji, ray_cluster, tmp_path, monkeypatc
     assert len(res["calibration"]["auc_by_step"]) == job.SIZES["toy"].sample_steps
     assert all(0.0 <= a <= 1.0 for a in res["calibration"]["auc_by_step"])
     assert {"plain + none", "IET-AGC+ + none"} <= set(res["combined"])
+    assert {f"IET-AGC+ + PRSS-perstep {d}" for d in job.DEFEND_LEVELS} <= set(res["combined"])
     # plain training stopped early: every committed round of the undefended model, the last one the served model
     frontier = res["plain_frontier"]
     assert [p["round"] for p in frontier] == [1, 2, 3, 4] and frontier[-1]["steps"] == res["total_steps"]
