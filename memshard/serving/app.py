@@ -484,8 +484,9 @@ class MemshardServer:
         providers = [self.bank or PerturbProvider(seed=j.seed) for j in jobs for _ in j.prompts]
         head = jobs[0]
         th = head.thresholds or {k: getattr(self.prss, k) for k in THRESHOLDS}
-        # the server's per-step shape of lambda_pr applies to its own lambda_pr, not to a request's
-        profile = self.prss.pr_profile if th["lambda_pr"] == self.prss.lambda_pr else None
+        # the server's per-step shape of lambda_pr applies to a request's lambda_pr too: a request may only
+        # be stricter (the privacy floor), and a stricter lambda_pr on the same profile is stricter at every step
+        profile = self.prss.pr_profile
         res = self.pipe(
             prompts, num_inference_steps=head.steps, guidance_scale=head.guidance_scale, output_type="pt",
             prss=head.prss, lambda_ss=th["lambda_ss"], lambda_pr=th["lambda_pr"], tau=th["tau"],
