@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -136,6 +137,16 @@ def reanchoring_problem(tau: float, lambda_pr: float, guidance_scale: float, mod
             f"got tau={tau:g}, lambda_pr={lambda_pr:g})")  # fmt: skip
 
 
+def pr_profile_problem(profile: Sequence[float] | None) -> str | None:
+    """What is wrong with a per-step re-anchoring profile, or None (also for no profile).
+
+    The config and the sampler both ask this function, as they ask :func:`reanchoring_problem`.
+    """
+    if profile is None or (len(profile) and all(v > 0 and math.isfinite(v) for v in profile)):
+        return None
+    return "pr_profile must hold one positive finite multiplier per step"
+
+
 class PRSSConfig(_Section):
     """Memorization-safe text-to-image sampling (spec section 4); thresholds are the privacy level."""
 
@@ -190,10 +201,9 @@ class PRSSConfig(_Section):
         problem = reanchoring_problem(self.tau, self.lambda_pr, self.guidance_scale, self.mode)
         if problem is not None:
             raise ValueError(f"prss.{problem}")
-        if self.pr_profile is not None and (
-            not self.pr_profile or not all(v > 0 and math.isfinite(v) for v in self.pr_profile)
-        ):
-            raise ValueError("prss.pr_profile must hold one positive finite multiplier per step")
+        problem = pr_profile_problem(self.pr_profile)
+        if problem is not None:
+            raise ValueError(f"prss.{problem}")
         if self.candidates == "bank" and self.bank is None:
             raise ValueError("prss.candidates=bank needs prss.bank (a prompt bank file)")
         return self

@@ -475,6 +475,8 @@ def test_defended_level_triggers_the_share_of_memorized_prompts_it_names():
 
 
 def test_pr_profile_scales_the_reanchoring_thresholds_step_by_step() -> None:
+    from memshard.config import PRSSConfig
+
     prompts = ["mem A", "safe B", "mem C"]
     x_T = noise(3)
     x_flat, rep_flat, _ = run(prompts, x_T)
@@ -493,6 +495,9 @@ def test_pr_profile_scales_the_reanchoring_thresholds_step_by_step() -> None:
     for bad in ((), (1.0, 0.0), (1.0, float("nan"))):
         with pytest.raises(ValueError, match="pr_profile"):
             PRSSOptions(pr_profile=bad)
+        with pytest.raises(ValueError, match=r"prss\.pr_profile"):  # the config asks the same rule
+            PRSSConfig(pr_profile=list(bad))
+    assert PRSSOptions.from_config(PRSSConfig(pr_profile=[1.0, 2.0])).pr_profile == (1.0, 2.0)
 
 
 def test_per_step_level_spreads_reanchoring_over_a_trajectory_whose_magnitude_grows():

@@ -49,7 +49,6 @@ With no candidate at all, ess = ep: re-anchoring then only weakens the guidance 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -57,7 +56,7 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler
 
-from memshard.config import PRSSConfig, reanchoring_problem
+from memshard.config import PRSSConfig, pr_profile_problem, reanchoring_problem
 from memshard.models.text import TextCond
 from memshard.prss.candidates import CandidateProvider
 from memshard.prss.reanchor import cfg_eps, magnitude, reanchor_scale, reanchored_eps
@@ -113,8 +112,9 @@ class PRSSOptions:
             raise ValueError(f"detect_step counts sampling steps from 1, got {self.detect_step}")
         if self.pr_profile is not None:
             prof = tuple(float(v) for v in self.pr_profile)
-            if not prof or not all(v > 0 and math.isfinite(v) for v in prof):
-                raise ValueError("pr_profile must hold one positive finite multiplier per step")
+            problem = pr_profile_problem(prof)
+            if problem is not None:
+                raise ValueError(problem)
             object.__setattr__(self, "pr_profile", prof)
 
     def pr_thresholds(self, i: int, steps: int) -> tuple[float, float]:
